@@ -134,7 +134,7 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,))
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-        xf = x.astype(jnp.float32)
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if train:
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(xf, axis=axes)
@@ -142,8 +142,10 @@ class BatchNorm(nn.Module):
             if not self.is_initializing():
                 n = xf.size // c
                 unbiased = var * (n / max(n - 1, 1))
-                ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
-                ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+                ra_mean.value = ((1 - self.momentum) * ra_mean.value
+                                 + self.momentum * mean).astype(ra_mean.value.dtype)
+                ra_var.value = ((1 - self.momentum) * ra_var.value
+                                + self.momentum * unbiased).astype(ra_var.value.dtype)
         else:
             mean, var = ra_mean.value, ra_var.value
         y = (xf - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
@@ -162,7 +164,7 @@ class LayerNorm(nn.Module):
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
-        xf = x.astype(jnp.float32)
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
         y = (xf - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
@@ -211,7 +213,7 @@ class SqueezeExcite(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         rd = make_divisible(c * self.rd_ratio, self.rd_divisor, round_limit=0.0)
-        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+        s = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2)).astype(self.dtype)
         s = Dense(rd, kernel_init=torch_default_kernel_init, bias_init=_bias_init_for(c),
                   dtype=self.dtype, name="fc1")(s)
         s = jax.nn.relu(s)

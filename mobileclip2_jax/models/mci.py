@@ -239,7 +239,8 @@ class Attention(nn.Module):
         qkv = Dense(3 * c, use_bias=False, dtype=self.dtype, name="qkv")(tokens)
         q, k, v = jnp.moveaxis(qkv.reshape(b, h * w, 3, heads, self.head_dim), 2, 0)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q * self.head_dim ** -0.5, k)
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        probs = jax.nn.softmax(logits.astype(jnp.promote_types(self.dtype, jnp.float32)),
+                               axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, h * w, c)
         out = Dense(c, dtype=self.dtype, name="proj")(out)
         return out.reshape(b, h, w, c)
@@ -340,7 +341,7 @@ class MCi(nn.Module):
         final = int(cfg.embed_dims[-1] * cfg.cls_ratio)
         x = MobileOneBlock(final, 3, 1, groups=cfg.embed_dims[-1], use_se=True, name="final_conv",
                            **kw)(x, train)
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        x = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
         return Dense(cfg.num_classes, dtype=self.dtype, name="head_fc")(x)
 
 
