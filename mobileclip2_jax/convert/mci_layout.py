@@ -8,6 +8,7 @@ k > 1 and the block uses it).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import jax
@@ -158,8 +159,9 @@ def mci_key_table(cfg: MCiConfig, inference: bool = False) -> List[KeyEntry]:
     return rows
 
 
+@functools.lru_cache(maxsize=16)
 def mci_abstract_variables(cfg: MCiConfig, inference: bool = False) -> Dict[str, Any]:
-    """Shapes of the Flax variables of an MCi tower, without allocating them."""
+    """Shapes of the Flax variables of an MCi tower, without allocating them (cached)."""
     size = cfg.total_stride
     return jax.eval_shape(MCi(cfg, inference_mode=inference).init, jax.random.key(0),
                           jnp.zeros((1, size, size, 3), jnp.float32))
