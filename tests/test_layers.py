@@ -140,3 +140,20 @@ def test_mci34_need_at_least_64_px():
 def test_unknown_variant_is_rejected():
     with pytest.raises(ValueError, match="unknown MCi variant 'mci9'"):
         get_mci_config("mci9")
+
+
+def test_fast_erf_gelu_accuracy_and_gradient():
+    from scipy.special import erf
+    x = np.linspace(-10, 10, 400_001).astype(np.float32)
+    assert np.abs(np.asarray(jax.jit(layers.erf_f32)(x)) - erf(x.astype(np.float64))).max() < 4e-7
+    x64 = x.astype(np.float64)
+    ref = 0.5 * x64 * (1 + erf(x64 / np.sqrt(2)))
+    out = np.asarray(jax.jit(layers.gelu)(x))
+    assert np.abs(out - ref).max() <= 2e-6                        # abs, includes |x| up to 10
+    pos = x > 1e-2  # no 1 + erf cancellation here (the negative tail has it for any fp32 erf)
+    assert (np.abs(out - ref)[pos] / np.abs(ref[pos])).max() <= 1e-6
+    # The custom derivative is the analytic one, Φ(x) + x φ(x).
+    dref = 0.5 * (1 + erf(x64 / np.sqrt(2))) + x64 * np.exp(-x64 ** 2 / 2) / np.sqrt(2 * np.pi)
+    dout = np.asarray(jax.jit(jax.vmap(jax.grad(layers.gelu)))(x))
+    assert np.abs(dout - dref).max() <= 2e-6
+    assert layers.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16

@@ -29,9 +29,56 @@ torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in"
 trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02)
 
 
+# Rational minimax approximation of erf on [-4, 4] for float32 (Eigen's
+# ``generic_fast_erf_float``): |error| <= 3.4e-7 against float64 erf, the same accuracy class as
+# ``lax.erf`` (3.1e-7), but only FMAs and one division, which XLA:CPU vectorizes. ``lax.erf``
+# runs ~3x slower there, and exact GELU is ~15% of an MCi forward pass on CPU.
+_ERF_NUM = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+            -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+            -1.60960333262415e-02)
+_ERF_DEN = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+            -7.37332916720468e-03, -1.42647390514189e-02)
+_INV_SQRT2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def erf_f32(x: jax.Array) -> jax.Array:
+    """erf for float32/bfloat16 inputs (computed in float32), max abs error 3.4e-7."""
+    xf = jnp.clip(x.astype(jnp.float32), -4.0, 4.0)
+    x2 = xf * xf
+    p = jnp.float32(_ERF_NUM[0])
+    for c in _ERF_NUM[1:]:
+        p = p * x2 + jnp.float32(c)
+    q = jnp.float32(_ERF_DEN[0])
+    for c in _ERF_DEN[1:]:
+        q = q * x2 + jnp.float32(c)
+    return xf * p / q
+
+
+@jax.custom_jvp
+def _gelu_erf_f32(x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    return (0.5 * xf * (1.0 + erf_f32(xf * _INV_SQRT2))).astype(x.dtype)
+
+
+@_gelu_erf_f32.defjvp
+def _gelu_erf_f32_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    xf = x.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + erf_f32(xf * _INV_SQRT2))
+    pdf = jnp.exp(-0.5 * xf * xf) * _INV_SQRT_2PI
+    return (xf * cdf).astype(x.dtype), (t.astype(jnp.float32) * (cdf + xf * pdf)).astype(t.dtype)
+
+
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, as ``torch.nn.GELU()``."""
-    return jax.nn.gelu(x, approximate=False)
+    """Exact (erf) GELU, as ``torch.nn.GELU()`` — never the tanh approximation.
+
+    float32/bfloat16 use :func:`erf_f32` with the analytic derivative
+    ``Φ(x) + x·φ(x)``; float64 uses ``lax.erf``.
+    """
+    if x.dtype == jnp.float64:
+        return jax.nn.gelu(x, approximate=False)
+    return _gelu_erf_f32(x)
 
 
 def _pair(v: IntPair) -> Tuple[int, int]:
