@@ -68,3 +68,14 @@ def test_bad_shapes_raise():
         depthwise_conv2d(jnp.zeros((4, 4, 3)), jnp.zeros((3, 3, 1, 3)))
     with pytest.raises(ValueError, match="multiple"):
         depthwise_conv2d(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 1, 4)))
+
+
+@pytest.mark.parametrize("k,stride,cin,size", [(3, 2, 3, 16), (3, 2, 3, 15), (3, 1, 5, 9), (5, 2, 2, 11)])
+def test_im2col_matches_xla_conv(k, stride, cin, size):
+    from mobileclip2_jax.models.depthwise import im2col_conv2d
+    x = jax.random.normal(jax.random.key(k), (2, size, size + 2, cin))
+    w = jax.random.normal(jax.random.key(cin), (k, k, cin, 7))
+    pad = torch_padding(k, stride)
+    ref = jax.lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    out = jax.jit(im2col_conv2d, static_argnums=(2, 3))(x, w, (stride, stride), pad)
+    np.testing.assert_allclose(out, ref, atol=1e-6 * float(jnp.abs(ref).max()), rtol=0)

@@ -1,4 +1,4 @@
-"""Depthwise 2-D convolution with a CPU-fast path.
+"""Convolution kernels with CPU-fast paths: depthwise (shift-and-add) and small-patch dense (im2col).
 
 XLA:CPU lowers ``feature_group_count == C`` convolutions to a generic loop that runs at
 ~0.6 GFLOP/s on this project's reference CPU (about 20x slower than PyTorch; see
@@ -109,3 +109,30 @@ def _shift_add(x, kernel, stride, padding, multiplier):
             term = window.astype(acc_dtype) * w[i, j]
             out = term if out is None else out + term
     return out.astype(x.dtype)
+
+
+def im2col_conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    stride: Sequence[int] = (1, 1),
+    padding: Padding = ((0, 0), (0, 0)),
+) -> jax.Array:
+    """Dense (``groups=1``) conv as patch extraction + one matmul.
+
+    For convs with few input channels (the MCi stem's 3×3 stride-2 conv on RGB has a patch of
+    only 27 values) XLA:CPU's convolution runs ~2.5× slower than building the ``(B, H', W',
+    kh·kw·C)`` patch tensor from k² strided slices and multiplying it by the reshaped kernel.
+    Patch order is (kh, kw, C), matching the HWIO kernel's row-major reshape.
+    """
+    kh, kw, cin, cout = kernel.shape
+    if x.ndim != 4 or x.shape[-1] != cin:
+        raise ValueError(f"im2col_conv2d: input {x.shape} does not match kernel {kernel.shape}")
+    sh, sw = tuple(stride)
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    batch, hp, wp, _ = xp.shape
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    cols = [lax.slice(xp, (0, i, j, 0), (batch, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin),
+                      (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+    patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+    return jnp.einsum("bhwk,kd->bhwd", patches, kernel.reshape(kh * kw * cin, cout).astype(x.dtype))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from mobileclip2_jax.models.depthwise import depthwise_conv2d
+from mobileclip2_jax.models.depthwise import depthwise_conv2d, im2col_conv2d, resolve_impl
 
 Dtype = Any
 IntPair = Union[int, Tuple[int, int]]
@@ -100,12 +100,18 @@ def _bias_init_for(fan_in: int) -> Callable:
     return init
 
 
+# Dense convs whose patch (kh·kw·C_in) is at most this many values run as im2col + matmul on the
+# CPU path (the RGB stem conv: 27); larger ones go to XLA's convolution.
+IM2COL_MAX_PATCH = 128
+
+
 class Conv2d(nn.Module):
     """2-D convolution with PyTorch semantics (symmetric explicit padding, ``groups``).
 
     Kernel layout HWIO ``(kh, kw, in/groups, out)``. Depthwise convs (``groups == in``,
     including channel multipliers ``out = m * in``) go through :func:`depthwise_conv2d`,
-    which is fast on CPU; dense 1×1 stride-1 convs are a plain matmul.
+    which is fast on CPU; dense 1×1 convs are a (strided) matmul, and on the CPU path dense
+    convs with a small patch (the RGB stem) use im2col.
     """
     features: int
     kernel_size: IntPair
@@ -132,8 +138,11 @@ class Conv2d(nn.Module):
         x = x.astype(self.dtype)
         if self.groups == in_ch and self.groups > 1:
             y = depthwise_conv2d(x, kernel, stride, pad, impl=self.depthwise_impl)
-        elif self.groups == 1 and (kh, kw) == (1, 1) and stride == (1, 1) and pad == ((0, 0), (0, 0)):
-            y = jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+        elif self.groups == 1 and (kh, kw) == (1, 1) and pad == ((0, 0), (0, 0)):
+            y = jnp.einsum("bhwc,cd->bhwd", x[:, ::stride[0], ::stride[1]], kernel[0, 0])
+        elif (self.groups == 1 and kh * kw * in_ch <= IM2COL_MAX_PATCH
+              and resolve_impl(self.depthwise_impl) == "shift_add"):
+            y = im2col_conv2d(x, kernel, stride, pad)
         else:
             y = lax.conv_general_dilated(
                 x, kernel, window_strides=stride, padding=pad,
