@@ -5,7 +5,8 @@
 Same weights on both sides (random init, timm → Flax through the converter), fp32, eval mode.
 Prints one line per (variant, form, framework) with img/s, a ratio line per form, and as the
 last line one JSON object with every figure. Median of ``--reps`` timed runs after one
-warm-up (JAX compile time is reported separately and excluded from img/s).
+warm-up, timm and JAX alternating rep by rep so host drift affects both alike (JAX compile
+time is reported separately and excluded from img/s).
 """
 from __future__ import annotations
 
@@ -22,14 +23,21 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _time(fn, reps):
-    fn()  # warm-up
-    times = []
+def _time_interleaved(fn_a, fn_b, reps):
+    """Median seconds of ``fn_a`` and ``fn_b``, timed alternately after one warm-up each.
+
+    Alternating the two frameworks rep by rep exposes both to the same host conditions: on a
+    shared VM throughput drifts by ±30 % over minutes, which would otherwise bias the ratio.
+    """
+    fn_a()
+    fn_b()
+    times_a, times_b = [], []
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times_a), statistics.median(times_b)
 
 
 def main(argv=None) -> dict:
@@ -73,12 +81,12 @@ def main(argv=None) -> dict:
             def run_torch():
                 with torch.inference_mode():
                     tmodel(x_t)
-            t_torch = _time(run_torch, args.reps)
             apply = jax.jit(jmodel.apply)
             t0 = time.perf_counter()
             compiled = apply.lower(jvars, x_j).compile()
             compile_s = time.perf_counter() - t0
-            t_jax = _time(lambda: compiled(jvars, x_j).block_until_ready(), args.reps)
+            t_torch, t_jax = _time_interleaved(
+                run_torch, lambda: compiled(jvars, x_j).block_until_ready(), args.reps)
             fig = {"timm_img_s": args.batch / t_torch, "jax_img_s": args.batch / t_jax,
                    "ratio_jax_over_timm": t_torch / t_jax, "jax_compile_s": compile_s}
             results["figures"][f"{variant}_{form}"] = fig

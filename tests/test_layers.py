@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import randomize_torch_model, requires_torch, timm, torch
+from conftest import randomize_torch_model, requires_torch, torch
 from mobileclip2_jax.convert.mci_layout import attention_block_keys, mobileone_keys
 from mobileclip2_jax.convert.torch_layout import state_dict_to_variables
 from mobileclip2_jax.models import layers

@@ -20,7 +20,7 @@ def ensure_torchvision_importable() -> None:
     global _TV_LIB
     import torch
     try:
-        torch.ops.torchvision.nms  # the real extension loaded: nothing to do
+        _ = torch.ops.torchvision.nms  # the real extension loaded: nothing to do
         return
     except (AttributeError, RuntimeError):
         pass

@@ -12,7 +12,7 @@ Images are NHWC; kernels HWIO. Parameters stay float32; ``dtype`` is the compute
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp

@@ -14,7 +14,7 @@ like the PyTorch state_dict. Images are NHWC.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -336,7 +336,7 @@ class MCi(nn.Module):
         x = MobileOneBlock(c0, 3, 2, groups=c0, use_scale_branch=sb, name="stem_1", **kw)(x, train)
         x = MobileOneBlock(c0, 1, 1, use_scale_branch=sb, name="stem_2", **kw)(x, train)
         dpr = stage_drop_path_rates(self.drop_path_rate, cfg.layers)
-        for i, (depth, dim) in enumerate(zip(cfg.layers, cfg.embed_dims)):
+        for i in range(cfg.num_stages):
             x = MCiStage(cfg, i, dpr[i], name=f"stages_{i}", **kw)(x, train)
         final = int(cfg.embed_dims[-1] * cfg.cls_ratio)
         x = MobileOneBlock(final, 3, 1, groups=cfg.embed_dims[-1], use_se=True, name="final_conv",
