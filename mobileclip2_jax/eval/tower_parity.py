@@ -5,7 +5,8 @@ bilinear, centre crop, raw [0, 1] pixels as for MobileCLIP2-S0/S2), builds timm'
 ``fastvit_mci*`` with random weights and randomized BatchNorm statistics (released weights
 cannot be downloaded here), converts them with the strict key table, and compares the
 embeddings of the JAX train form and of the reparameterized form against timm's. Reports
-per-form max relative error, cosine agreement, nearest-neighbour agreement, and img/s.
+per-form max relative error, cosine agreement, agreement of the image-image similarity
+matrices, and img/s.
 """
 from __future__ import annotations
 
@@ -109,9 +110,10 @@ def run_tower_parity(image_dir: str, variant: str = "mci0", num_images: int = 16
         rel = float(np.abs(ours - ref).max() / np.abs(ref).max())
         unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
         cos = float((unit(ours) * unit(ref)).sum(1).min())
-        nn_t = np.argsort(-(unit(ref) @ unit(ref).T), axis=1)[:, 1]
-        nn_j = np.argsort(-(unit(ours) @ unit(ours).T), axis=1)[:, 1]
+        # Retrieval-style check: image-image cosine similarities agree. (Nearest-neighbour ranks
+        # are not used: random-weight embeddings are nearly collinear, so ranks flip on rounding.)
+        sim_diff = float(np.abs(unit(ours) @ unit(ours).T - unit(ref) @ unit(ref).T).max())
         report["forms"][form] = {"max_rel_err": rel, "min_cosine": cos,
-                                 "nearest_neighbour_agreement": float((nn_t == nn_j).mean()),
+                                 "max_similarity_diff": sim_diff,
                                  "timm_img_s": len(images) / t_torch, "jax_img_s": len(images) / t_jax}
     return report
