@@ -20,7 +20,7 @@ def main() -> int:
     from mobileclip2_jax.eval.tower_parity import run_tower_parity
     try:
         report = run_tower_parity(args.images, args.variant, args.num_images, args.batch_size)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ok = all(f["max_rel_err"] <= args.tolerance for f in report["forms"].values())

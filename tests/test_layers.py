@@ -157,3 +157,11 @@ def test_fast_erf_gelu_accuracy_and_gradient():
     dout = np.asarray(jax.jit(jax.vmap(jax.grad(layers.gelu)))(x))
     assert np.abs(dout - dref).max() <= 2e-6
     assert layers.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_channel_hints():
+    model = MCi(get_mci_config("MCI0"))  # names are case-insensitive
+    with pytest.raises(ValueError, match="looks like NCHW"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3, 64, 64)))
+    with pytest.raises(ValueError, match="grayscale/RGBA"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 1)))

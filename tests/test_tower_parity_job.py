@@ -47,3 +47,14 @@ def test_corrupt_image_is_named(tmp_path):
     (tmp_path / "bad.jpg").write_text("not a jpeg")
     with pytest.raises(ValueError, match="cannot decode image .*bad.jpg"):
         [load_image(f, 64) for f in find_images(str(tmp_path), 4)]
+
+
+def test_file_instead_of_folder_and_bad_counts(tmp_path):
+    f = tmp_path / "a.jpg"
+    f.write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        find_images(str(f), 4)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        run_tower_parity(str(tmp_path), num_images=0)
+    with pytest.raises(ValueError, match="unknown MCi variant 'mci9'"):
+        run_tower_parity(str(tmp_path / "missing"), variant="mci9")  # checked before the folder

@@ -23,9 +23,12 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
 def find_images(root: str, limit: int) -> List[pathlib.Path]:
     """Up to ``limit`` images under ``root``, spread over its sub-folders (classes)."""
     path = pathlib.Path(root)
-    if not path.is_dir():
+    if not path.exists():
         raise FileNotFoundError(f"image folder {root!r} does not exist (expected a folder of "
                                 f"images, e.g. ../shared/data/clothing/test)")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{root!r} is a file; expected a folder of images "
+                                 f"(searched recursively), e.g. ../shared/data/clothing/test")
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {root!r}")
@@ -68,10 +71,12 @@ def run_tower_parity(image_dir: str, variant: str = "mci0", num_images: int = 16
     import torch
     from timm.utils.model import reparameterize_model
 
+    if num_images < 1 or batch_size < 1:
+        raise ValueError(f"num_images and batch_size must be >= 1, got {num_images}, {batch_size}")
+    cfg = get_mci_config(variant)  # validate the variant before any work
     files = find_images(image_dir, num_images)
     print(f"[parity] {len(files)} images from {image_dir}", flush=True)
     images = np.stack([load_image(f, size) for f in files])
-    cfg = get_mci_config(variant)
     torch.manual_seed(seed)
     model = timm.create_model(f"fastvit_{variant}", num_classes=cfg.num_classes).eval()
     g = torch.Generator().manual_seed(seed)
@@ -94,17 +99,22 @@ def run_tower_parity(image_dir: str, variant: str = "mci0", num_images: int = 16
         n_batches = (len(images) + batch_size - 1) // batch_size
         for b in range(n_batches):
             batch = images[b * batch_size:(b + 1) * batch_size]
+            xt = torch.from_numpy(batch.transpose(0, 3, 1, 2).copy())
+            xj = jnp.asarray(batch)
+            # The matmul-precision setting is part of jit's cache key: warm up (compile) under
+            # the same setting as the timed call, and warm up torch too, before timing batch 0.
+            with jax.default_matmul_precision("highest"):
+                if b == 0:
+                    apply(jvars, xj).block_until_ready()
+                    with torch.inference_mode():
+                        tmodel(xt)
+                t = time.perf_counter()
+                outs_j.append(np.asarray(apply(jvars, xj)))
+                t_jax += time.perf_counter() - t
             t = time.perf_counter()
             with torch.inference_mode():
-                outs_t.append(tmodel(torch.from_numpy(batch.transpose(0, 3, 1, 2).copy())).numpy())
+                outs_t.append(tmodel(xt).numpy())
             t_torch += time.perf_counter() - t
-            xj = jnp.asarray(batch)
-            if b == 0:
-                apply(jvars, xj).block_until_ready()  # compile outside the timing
-            t = time.perf_counter()
-            with jax.default_matmul_precision("highest"):
-                outs_j.append(np.asarray(apply(jvars, xj)))
-            t_jax += time.perf_counter() - t
             print(f"[parity] {form}: batch {b + 1}/{n_batches}", flush=True)
         ref, ours = np.concatenate(outs_t), np.concatenate(outs_j)
         rel = float(np.abs(ours - ref).max() / np.abs(ref).max())

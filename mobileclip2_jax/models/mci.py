@@ -82,7 +82,7 @@ MCI_CONFIGS = {
 
 def get_mci_config(name: str, **overrides: Any) -> MCiConfig:
     """Config by name (``mci0``…``mci4``, or timm's ``fastvit_mci0``…), with field overrides."""
-    key = name.removeprefix("fastvit_")
+    key = name.lower().removeprefix("fastvit_")
     if key not in MCI_CONFIGS:
         raise ValueError(f"unknown MCi variant {name!r}; expected one of {sorted(MCI_CONFIGS)}")
     return dataclasses.replace(MCI_CONFIGS[key], **overrides)
@@ -317,8 +317,10 @@ class MCi(nn.Module):
             raise ValueError(f"{cfg.name}: expected images of shape {expected}; got rank {x.ndim} "
                              f"array of shape {tuple(x.shape)}")
         if x.shape[-1] != 3:
+            hint = (" (this looks like NCHW: transpose to NHWC)" if x.shape[1] == 3 else
+                    " (grayscale/RGBA images must be converted to RGB)" if x.shape[-1] in (1, 4) else "")
             raise ValueError(f"{cfg.name}: expected images of shape {expected}; got {x.shape[-1]} "
-                             f"channels in shape {tuple(x.shape)} (NCHW input must be transposed)")
+                             f"channels in shape {tuple(x.shape)}{hint}")
         if min(x.shape[1:3]) < cfg.total_stride:
             raise ValueError(f"{cfg.name}: expected images of shape {expected}; got spatial size "
                              f"{tuple(x.shape[1:3])}, below the tower's total stride "
