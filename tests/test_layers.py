@@ -165,3 +165,15 @@ def test_channel_hints():
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3, 64, 64)))
     with pytest.raises(ValueError, match="grayscale/RGBA"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 1)))
+
+
+def test_bfloat16_compute_tracks_float32():
+    """bf16 activations with f32 params: norms/softmax/pools stay f32, output close to f32."""
+    cfg = get_mci_config("mci0")
+    x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
+    variables = jax.jit(MCi(cfg).init)(jax.random.key(1), x)
+    ref = jax.jit(MCi(cfg).apply)(variables, x)
+    out = jax.jit(MCi(cfg, dtype=jnp.bfloat16).apply)(variables, x)
+    assert out.dtype == jnp.bfloat16
+    err = float(jnp.abs(out.astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
+    assert err < 0.05
