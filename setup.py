@@ -23,6 +23,8 @@ JAX_STACK = [
     "ml_collections==1.1.0",
     "numpy==2.4.6",
     "pillow==13.0.0",
+    "ftfy==6.3.1",        # CLIP BPE text cleaning, as open_clip
+    "regex==2026.11.19",  # CLIP BPE word splitting (\p{L} classes)
 ]
 
 TORCH_REFERENCE = [
@@ -38,6 +40,8 @@ setup(
     description="MobileCLIP / MobileCLIP2 in JAX/Flax with PyTorch parity",
     python_requires="==3.11.*",
     packages=find_packages(include=["mobileclip2_jax", "mobileclip2_jax.*"]),
+    # The CLIP BPE merges file (from open_clip, MIT) and its licence notice.
+    package_data={"mobileclip2_jax.tokenizers": ["bpe_simple_vocab_16e6.txt.gz", "LICENSE.open_clip"]},
     install_requires=JAX_STACK,
     extras_require={
         "torch": TORCH_REFERENCE,
