@@ -105,7 +105,8 @@ class TextTransformer(nn.Module):
         if ids.ndim != 2 or ids.shape[1] != cfg.context_length:
             raise ValueError(f"expected token ids of shape (batch, {cfg.context_length}); got {ids.shape}")
         if not isinstance(ids, jax.core.Tracer):
-            check_token_ids(np.asarray(ids), cfg.context_length)
+            # End-of-text is the largest id of the vocabulary (CLIP BPE: 49407).
+            check_token_ids(np.asarray(ids), cfg.context_length, eot_id=cfg.vocab_size - 1)
         tok = self.param("token_embedding", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.width))
         pos = self.param("positional_embedding", nn.initializers.normal(0.01), (cfg.context_length, cfg.width))
         x = (jnp.take(tok, ids, axis=0) + pos).astype(self.dtype)
