@@ -15,38 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobileclip2_jax.convert.torch_layout import (KeyEntry, detect_prefix, normalize_state_dict,
+from mobileclip2_jax.convert.torch_layout import (KeyEntry, batchnorm_keys, conv_keys, detect_prefix,
+                                                  layernorm_keys, linear_keys, normalize_state_dict,
                                                   state_dict_to_variables, variables_to_state_dict)
 from mobileclip2_jax.models.mci import MCi, MCiConfig, get_mci_config
 
 Path = Tuple[str, ...]
 OPEN_CLIP_PREFIX = "visual.trunk."
-
-
-def batchnorm_keys(fp: Path, tp: str) -> List[KeyEntry]:
-    return [KeyEntry("params", fp + ("scale",), f"{tp}.weight", "vector"),
-            KeyEntry("params", fp + ("bias",), f"{tp}.bias", "vector"),
-            KeyEntry("batch_stats", fp + ("mean",), f"{tp}.running_mean", "vector"),
-            KeyEntry("batch_stats", fp + ("var",), f"{tp}.running_var", "vector")]
-
-
-def layernorm_keys(fp: Path, tp: str) -> List[KeyEntry]:
-    return [KeyEntry("params", fp + ("scale",), f"{tp}.weight", "vector"),
-            KeyEntry("params", fp + ("bias",), f"{tp}.bias", "vector")]
-
-
-def conv_keys(fp: Path, tp: str, bias: bool) -> List[KeyEntry]:
-    rows = [KeyEntry("params", fp + ("kernel",), f"{tp}.weight", "conv")]
-    if bias:
-        rows.append(KeyEntry("params", fp + ("bias",), f"{tp}.bias", "vector"))
-    return rows
-
-
-def linear_keys(fp: Path, tp: str, bias: bool = True, transform: str = "linear") -> List[KeyEntry]:
-    rows = [KeyEntry("params", fp + ("kernel",), f"{tp}.weight", transform)]
-    if bias:
-        rows.append(KeyEntry("params", fp + ("bias",), f"{tp}.bias", "vector"))
-    return rows
 
 
 def conv_norm_keys(fp: Path, tp: str) -> List[KeyEntry]:

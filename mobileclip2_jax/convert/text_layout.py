@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobileclip2_jax.convert.mci_layout import layernorm_keys, linear_keys
-from mobileclip2_jax.convert.torch_layout import (KeyEntry, detect_prefix, normalize_state_dict,
+from mobileclip2_jax.convert.torch_layout import (KeyEntry, detect_prefix, layernorm_keys, linear_keys,
+                                                  normalize_state_dict,
                                                   state_dict_to_variables, variables_to_state_dict)
 from mobileclip2_jax.models.text import TextConfig, TextTransformer
 

@@ -41,6 +41,38 @@ class KeyEntry:
             raise ValueError(f"unknown transform {self.transform!r} for {self.torch_key}")
 
 
+# Row builders for the module types every tower shares; tower-specific tables live in
+# ``mci_layout.py``, ``text_layout.py`` and ``vit_layout.py``.
+Path = Tuple[str, ...]
+
+
+def batchnorm_keys(fp: Path, tp: str) -> List[KeyEntry]:
+    return [KeyEntry("params", fp + ("scale",), f"{tp}.weight", "vector"),
+            KeyEntry("params", fp + ("bias",), f"{tp}.bias", "vector"),
+            KeyEntry("batch_stats", fp + ("mean",), f"{tp}.running_mean", "vector"),
+            KeyEntry("batch_stats", fp + ("var",), f"{tp}.running_var", "vector")]
+
+
+def layernorm_keys(fp: Path, tp: str) -> List[KeyEntry]:
+    return [KeyEntry("params", fp + ("scale",), f"{tp}.weight", "vector"),
+            KeyEntry("params", fp + ("bias",), f"{tp}.bias", "vector")]
+
+
+def conv_keys(fp: Path, tp: str, bias: bool) -> List[KeyEntry]:
+    rows = [KeyEntry("params", fp + ("kernel",), f"{tp}.weight", "conv")]
+    if bias:
+        rows.append(KeyEntry("params", fp + ("bias",), f"{tp}.bias", "vector"))
+    return rows
+
+
+def linear_keys(fp: Path, tp: str, bias: bool = True, transform: str = "linear") -> List[KeyEntry]:
+    rows = [KeyEntry("params", fp + ("kernel",), f"{tp}.weight", transform)]
+    if bias:
+        rows.append(KeyEntry("params", fp + ("bias",), f"{tp}.bias", "vector"))
+    return rows
+
+
+
 class StateDictMismatchError(ValueError):
     """Raised when a state_dict does not match the key table of the target model."""
 

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobileclip2_jax.convert.mci_layout import batchnorm_keys, conv_keys, layernorm_keys, linear_keys
-from mobileclip2_jax.convert.torch_layout import (KeyEntry, detect_prefix, normalize_state_dict,
+from mobileclip2_jax.convert.torch_layout import (KeyEntry, batchnorm_keys, conv_keys, detect_prefix,
+                                                  layernorm_keys, linear_keys, normalize_state_dict,
                                                   state_dict_to_variables, variables_to_state_dict)
 from mobileclip2_jax.models.vit import ViT, ViTConfig
 

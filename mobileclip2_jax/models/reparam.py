@@ -149,13 +149,8 @@ def _fold_tree(params: Mapping, stats: Mapping) -> Tuple[Tree, Tree]:
             consumed = tuple(_kxk_names(params)) + ("conv_scale", "identity")
         new_params = {k: v for k, v in params.items() if k not in consumed}
         new_params["reparam_conv"] = {"kernel": kernel, "bias": bias}
+        # Children left in place (SE) hold nothing to fold and no batch stats.
         new_stats = {k: v for k, v in stats.items() if k not in consumed}
-        # Children left in place (e.g. SE) are plain modules; recurse for completeness.
-        for k in list(new_params):
-            if k != "reparam_conv" and isinstance(new_params[k], Mapping):
-                new_params[k], sub = _fold_tree(new_params[k], new_stats.get(k, {}))
-                if sub:
-                    new_stats[k] = sub
         return new_params, new_stats
     new_params = {}
     new_stats = {k: v for k, v in stats.items() if not isinstance(v, Mapping)}

@@ -24,7 +24,7 @@ import functools
 import gzip
 import html
 import importlib.resources
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import ftfy
 import numpy as np
@@ -77,6 +77,27 @@ def _load_merges(path: Optional[str]) -> List[Tuple[str, str]]:
                          f"{NUM_MERGES} lines of two symbols after the header, got "
                          f"{len(merges)} lines ({len(bad)} malformed)")
     return merges
+
+
+def pack_token_ids(texts: Union[str, Sequence[str]], encode: Callable[[str], List[int]],
+                   sot_id: int, eot_id: int, context_length: int) -> np.ndarray:
+    """``(N, context_length)`` int32: SOT, ``encode(text)``, EOT, zero padding.
+
+    Shared by every tokenizer so all follow one rule: longer texts are truncated and the last
+    kept position becomes EOT, so a row always ends in EOT and nothing ever raises on length.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    out = np.zeros((len(texts), context_length), np.int32)
+    for row, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{row}] is {type(text).__name__}, expected str")
+        ids = [sot_id] + encode(text) + [eot_id]
+        if len(ids) > context_length:
+            ids = ids[:context_length]
+            ids[-1] = eot_id
+        out[row, :len(ids)] = ids
+    return out
 
 
 class ClipBpeTokenizer:
@@ -146,16 +167,5 @@ class ClipBpeTokenizer:
     def __call__(self, texts: Union[str, Sequence[str]],
                  context_length: Optional[int] = None) -> np.ndarray:
         """``(N, context_length)`` int32 ids: SOT, tokens, EOT, zeros. Never raises on length."""
-        if isinstance(texts, str):
-            texts = [texts]
-        n_ctx = context_length or self.context_length
-        out = np.zeros((len(texts), n_ctx), np.int32)
-        for row, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{row}] is {type(text).__name__}, expected str")
-            ids = [self.sot_token_id] + self.encode(text) + [self.eot_token_id]
-            if len(ids) > n_ctx:
-                ids = ids[:n_ctx]
-                ids[-1] = self.eot_token_id
-            out[row, :len(ids)] = ids
-        return out
+        return pack_token_ids(texts, self.encode, self.sot_token_id, self.eot_token_id,
+                              context_length or self.context_length)

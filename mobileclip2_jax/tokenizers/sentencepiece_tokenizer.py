@@ -16,7 +16,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 import numpy as np
 import sentencepiece as spm
 
-from mobileclip2_jax.tokenizers.clip_bpe import CONTEXT_LENGTH, clean_text
+from mobileclip2_jax.tokenizers.clip_bpe import CONTEXT_LENGTH, clean_text, pack_token_ids
 
 
 def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int,
@@ -76,16 +76,6 @@ class SentencePieceTokenizer:
 
     def __call__(self, texts: Union[str, Sequence[str]],
                  context_length: Optional[int] = None) -> np.ndarray:
-        if isinstance(texts, str):
-            texts = [texts]
-        n_ctx = context_length or self.context_length
-        out = np.zeros((len(texts), n_ctx), np.int32)
-        for row, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{row}] is {type(text).__name__}, expected str")
-            ids = [self.sot_token_id] + self.encode(text) + [self.eot_token_id]
-            if len(ids) > n_ctx:
-                ids = ids[:n_ctx]
-                ids[-1] = self.eot_token_id
-            out[row, :len(ids)] = ids
-        return out
+        """``(N, context_length)`` int32 ids: SOT, pieces, EOT, zeros. Never raises on length."""
+        return pack_token_ids(texts, self.encode, self.sot_token_id, self.eot_token_id,
+                              context_length or self.context_length)
