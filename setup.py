@@ -25,6 +25,7 @@ JAX_STACK = [
     "pillow==13.0.0",
     "ftfy==6.3.1",        # CLIP BPE text cleaning, as open_clip
     "regex==2026.11.19",  # CLIP BPE word splitting (\p{L} classes)
+    "safetensors==0.8.0",  # open_clip .safetensors checkpoints, read without torch
 ]
 
 TORCH_REFERENCE = [

@@ -238,8 +238,9 @@ def variables_to_state_dict(
             missing.append("/".join(path))
             continue
         used.add(path)
-        out[prefix + e.torch_key] = np.ascontiguousarray(
-            to_torch_layout(np.asarray(flat[path]), e.transform))
+        value = to_torch_layout(np.asarray(flat[path]), e.transform)
+        # (np.ascontiguousarray would turn a 0-d logit_scale into shape (1,))
+        out[prefix + e.torch_key] = np.array(value, order="C", copy=True)
         if e.torch_key.endswith(".running_var"):
             out[prefix + e.torch_key[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
     extra = ["/".join(p) for p in flat if p not in used]

@@ -43,7 +43,8 @@ TEXT_CONFIGS = {
 
 
 def check_token_ids(ids: np.ndarray, context_length: int, eot_id: int = EOT_TOKEN_ID) -> None:
-    """Host-side validation: shape ``(B, context_length)`` and an end-of-text token per row.
+    """Host-side validation: shape ``(B, context_length)``, ids in ``[0, eot_id]`` and an
+    end-of-text token per row.
 
     Pooling takes the first position of the largest id; a row without ``eot_id`` would
     silently pool a wrong position, so it is an error here.
@@ -52,6 +53,12 @@ def check_token_ids(ids: np.ndarray, context_length: int, eot_id: int = EOT_TOKE
     if ids.ndim != 2 or ids.shape[1] != context_length:
         raise ValueError(f"expected token ids of shape (batch, {context_length}) — always the full "
                          f"context, zero-padded; got shape {ids.shape}")
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"token ids must be integers; got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() > eot_id):
+        bad = int(ids.max()) if ids.max() > eot_id else int(ids.min())
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {eot_id}] (vocab size "
+                         f"{eot_id + 1}); was the text tokenized for another vocabulary?")
     missing = np.flatnonzero(~(ids == eot_id).any(axis=1))
     if missing.size:
         raise ValueError(f"token id rows {missing[:10].tolist()} have no end-of-text token "

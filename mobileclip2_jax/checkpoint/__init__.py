@@ -1,0 +1,1 @@
+"""Orbax checkpoints: model exports (``pretrained``); training-state checkpoints follow."""
