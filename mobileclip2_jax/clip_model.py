@@ -137,7 +137,8 @@ class MobileCLIP:
         return MobileCLIP(self.spec, module, variables, self.apple_form)
 
     def state_dict(self, layout: str = "open_clip") -> Dict[str, np.ndarray]:
-        """PyTorch state_dict (numpy arrays): ``"open_clip"`` or ``"apple"`` package layout."""
+        """PyTorch state_dict (numpy arrays): ``"open_clip"`` or ``"apple"`` package layout, in
+        this model's form (train, or reparameterized with timm's / Apple's fused key names)."""
         if layout == "open_clip":
             if self.apple_form:
                 raise ValueError(f"{self.name} was loaded in Apple's form, which open_clip's model "
@@ -147,10 +148,6 @@ class MobileCLIP:
             return clip_to_open_clip(self.variables, self.image_config, self.text_config,
                                      self.inference_mode, what=self.name)
         if layout == "apple":
-            if self.inference_mode:
-                raise ValueError("the Apple layout is exported in train form only (Apple's "
-                                 "converter knows no reparameterized keys); export before "
-                                 "reparameterize()")
             from mobileclip2_jax.convert import apple_layout
             v = self.variables
             split = lambda name: {c: v[c][name] for c in v if name in v[c]}  # noqa: E731

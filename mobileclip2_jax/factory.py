@@ -113,7 +113,8 @@ def create_model(name: str, pretrained: Optional[Union[str, pathlib.Path]] = Non
             raise ValueError(f"{path} is an Apple mobileclip-package checkpoint, which exists only "
                              f"for MobileCLIP-S0 and MobileCLIP-B; not for {spec.name}")
         loaded = apple_layout.apple_clip_from_torch(sd, spec.name)
-        module = CLIP(image_tower_config(spec, image_size, apple_form=True), text_cfg, dtype=dtype)
+        module = CLIP(image_tower_config(spec, image_size, apple_form=True), text_cfg,
+                      inference_mode=loaded["inference"], dtype=dtype)
         variables = _merge_towers(loaded["image"], loaded["text"], loaded["logit_scale"])
         return MobileCLIP(spec, module, variables, apple_form=True)
     from mobileclip2_jax.convert.clip_layout import clip_from_open_clip, is_reparameterized_state_dict

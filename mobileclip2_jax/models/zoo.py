@@ -115,8 +115,8 @@ def image_tower_config(spec: ModelSpec, image_size: Optional[int] = None, apple_
 def text_tower_config(spec: ModelSpec, vocab_size: Optional[int] = None) -> Any:
     """The text tower's config; ``vocab_size`` rewires it for a new (e.g. SentencePiece) vocab."""
     if spec.text_tower == "mct":
-        from mobileclip2_jax.models.mct_text import MCT_CONFIG
-        cfg = MCT_CONFIG
+        from mobileclip2_jax.models.mct_text import MCT_CONFIGS
+        cfg = MCT_CONFIGS["mct"]
     else:
         cfg: TextConfig = TEXT_CONFIGS[spec.text_tower]
     return cfg if vocab_size is None else dataclasses.replace(cfg, vocab_size=vocab_size)
