@@ -45,7 +45,7 @@ def photos():
 
 
 def _boxes(w, h):
-    """Inside (odd size), past the bottom-right edge, negative top-left, exactly 224² (no resize)."""
+    """Inside (odd size), past the bottom-right edge, negative top-left, 224² (no resize)"""
     boxes = [(h // 8, w // 10, h // 2 | 1, (w * 3 // 5) | 1),
              (h // 3, w // 2, h, w * 3 // 4),
              (-(h // 10) - 1, -(w // 7) - 1, h // 2 + 3, w // 2)]
@@ -66,7 +66,7 @@ def tv():
 
 @pytest.fixture(scope="module")
 def magnitudes(tv):
-    """op name → (DataCompDR magnitude, signed), from torchvision's table at bin 9 of 31, 224 px."""
+    """op name → (DataCompDR magnitude, signed): torchvision's table at bin 9 of 31, 224 px."""
     T = tv[0]
     space = T.RandAugment()._augmentation_space(31, (224, 224))
     return {name: (float(m[9].item()) if m.ndim > 0 else 0.0, bool(signed))
@@ -207,7 +207,7 @@ def test_student_interpolation_override(photos, tv):
 
 @needs_data
 def test_input_forms_are_converted_to_rgb(photos):
-    """Gray 2-D / HWC-1 / PIL L agree; RGBA drops alpha without compositing (``pilrgba`` → RGB)."""
+    """Gray 2-D / HWC-1 / PIL L agree; RGBA drops alpha without compositing (as ``pilrgba``)."""
     aug = [[5, 5, 200, 300], [[1, 0.09000000357627869], [12, 0.0]]]
     gray = photos["gray"]
     arr = np.asarray(gray)

@@ -134,7 +134,8 @@ def decode_aug_params(stored: Any) -> AugParams:
                 raise ValueError(f"RandAugment op must be [op_index, magnitude]; got {op!r}")
             index = _as_int(op[0], "RandAugment op index")
             if not 0 <= index < len(OP_NAMES):
-                raise ValueError(f"RandAugment op index {index} out of range 0..{len(OP_NAMES) - 1}")
+                raise ValueError(f"RandAugment op index {index} out of range "
+                                 f"0..{len(OP_NAMES) - 1}")
             if isinstance(op[1], bool) or not isinstance(op[1], (int, float, np.number)) \
                     or not math.isfinite(float(op[1])):
                 raise ValueError(f"RandAugment magnitude must be a finite number; got {op[1]!r}")
