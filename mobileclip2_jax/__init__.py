@@ -12,5 +12,20 @@ The open_clip-style API::
 """
 __version__ = "0.1.0"
 
-from mobileclip2_jax.factory import (create_model, create_model_and_transforms, get_tokenizer,  # noqa: F401,E402
-                                     list_models, load_torch_checkpoint)
+# Lazy: Grain data workers import ``mobileclip2_jax.data.*``, which imports this package first;
+# importing JAX (and building its backends) in every worker would cost seconds and memory for
+# nothing. The public API resolves on first attribute access instead.
+_LAZY_API = ("create_model", "create_model_and_transforms", "get_tokenizer", "list_models",
+             "load_torch_checkpoint")
+__all__ = list(_LAZY_API)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_API:
+        from mobileclip2_jax import factory
+        return getattr(factory, name)
+    raise AttributeError(f"module 'mobileclip2_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY_API))

@@ -222,3 +222,26 @@ def test_apple_checkpoint_through_the_api(name, apple_model, tmp_path):
     assert set(back) == set(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
     with pytest.raises(ValueError, match="layout='apple'"):
         model.state_dict()  # open_clip computes a different function for Apple's B form
+
+
+@requires_torch
+def test_torch_pt_checkpoints(s0, tmp_path):
+    """``.pt`` files: ``{"state_dict": {"module.…"}}`` wrappers unwrapped, read with
+    ``weights_only=True`` — a pickle with foreign globals is refused, not executed."""
+    import torch
+    model = s0[0]
+    sd = {f"module.{k}": torch.from_numpy(v) for k, v in model.state_dict().items()}
+    path = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": sd, "epoch": 3}, path)
+    loaded = mobileclip2_jax.create_model("MobileCLIP2-S0", pretrained=path)
+    for a, b in zip(jax.tree.leaves(model.variables), jax.tree.leaves(loaded.variables)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    evil = tmp_path / "evil.pt"
+    import argparse  # an importable class that is not on the weights-only allowlist
+    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1)}, evil)
+    with pytest.raises(ValueError, match="evil.pt: cannot load as a weights-only PyTorch checkpoint"):
+        mobileclip2_jax.create_model("MobileCLIP2-S0", pretrained=evil)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="cut.pt: cannot load"):
+        mobileclip2_jax.create_model("MobileCLIP2-S0", pretrained=cut)
