@@ -345,12 +345,15 @@ class Normalizer:
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
+        self._identity = bool(np.all(self.mean == 0) and np.all(self.std == 1))
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
             raise ValueError(f"expected HWC uint8 RGB; got {pixels.dtype} {pixels.shape}")
         out = pixels.astype(np.float32)
         out /= np.float32(255.0)
+        if self._identity:  # raw [0, 1] pixels (MobileCLIP S0/S2/B): x − 0 and x / 1 are exact
+            return out
         out -= self.mean
         out /= self.std
         return out

@@ -261,6 +261,8 @@ def decode_image(data: bytes, *, key: Optional[str] = None,
                         key=key, source=source) from None
     if img.width == 0 or img.height == 0:
         raise BadSample("image_empty", f"image has size {img.size}", key=key, source=source)
+    if img.mode == "RGB":  # RGB → RGBA → RGB is the identity (alpha 255 added, then dropped)
+        return img
     try:
         return img.convert("RGBA").convert("RGB")
     except Exception as e:
@@ -269,6 +271,34 @@ def decode_image(data: bytes, *, key: Optional[str] = None,
 
 
 # ----------------------------------------------------------------------------------- records
+_N_OPS = 14  # len(augment.OP_NAMES); the full parser below checks the same range
+
+
+def _plain_aug(p: Any) -> bool:
+    """True when ``p`` is a well-formed stored augmentation in its usual JSON types.
+
+    Validation runs on every visit of every record (30 augmentations each in DataCompDR-12M), so
+    the plain ``[[i, j, h, w], [[op, mag], …] | null]`` case is checked here with type tests only;
+    anything else (JSON strings, numpy scalars, errors) goes to ``decode_aug_params``, which
+    accepts the same set and words the error.
+    """
+    if type(p) is not list or len(p) != 2 or type(p[0]) is not list or len(p[0]) != 4:
+        return False
+    box, ops = p
+    if not all(type(v) is int for v in box) or box[2] <= 0 or box[3] <= 0:
+        return False
+    if ops is None:
+        return True
+    if type(ops) is not list:
+        return False
+    for op in ops:
+        if type(op) is not list or len(op) != 2 or type(op[0]) is not int or \
+                not 0 <= op[0] < _N_OPS or type(op[1]) not in (int, float) or \
+                not math.isfinite(op[1]):
+            return False
+    return True
+
+
 def _as_emb(x: Any, what: str, key: Optional[str]) -> np.ndarray:
     try:
         arr = np.asarray(x, dtype=np.float32)
@@ -357,6 +387,8 @@ class ReinforcedRecord:
         if not isinstance(self.param_aug, list) or not self.param_aug:
             raise bad("bad_aug", "paug.json param_aug must be a non-empty list")
         for a, p in enumerate(self.param_aug):
+            if _plain_aug(p):  # the common, well-formed case, checked ~10× faster
+                continue
             try:
                 decode_aug_params(p)
             except (ValueError, TypeError) as e:
