@@ -77,6 +77,13 @@ def _check_format(embedding_format: str) -> None:
         raise ValueError(f"embedding_format must be one of {EMBEDDING_FORMATS}; got {embedding_format!r}")
 
 
+def encode_embeddings(arrays: Mapping[str, np.ndarray], embedding_format: str = "npz") -> bytes:
+    """The embeddings member: fp32 ``npz`` or bf16 ``pth.gz`` (what the reference writes)."""
+    _check_format(embedding_format)
+    arrays = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+    return _npz_bytes(arrays) if embedding_format == "npz" else dump_pth_gz(arrays, bfloat16=True)
+
+
 def encode_record(record: ReinforcedRecord, *, embedding_format: str = "npz",
                   paug_as_json_string: bool = False) -> Dict[str, bytes]:
     """Tar members (ext → bytes) of one record in the reference writer's format; deterministic.
@@ -101,9 +108,7 @@ def encode_record(record: ReinforcedRecord, *, embedding_format: str = "npz",
     out["paug.json"] = _dumps({"param_aug": _dumps(paug).decode() if paug_as_json_string else paug})
     arrays = {"image_emb": record.image_emb, "text_emb": record.text_emb,
               **{f"{k}_emb": v for k, v in record.syn_text_embs.items()}}
-    arrays = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
-    out[embedding_format] = (_npz_bytes(arrays) if embedding_format == "npz"
-                             else dump_pth_gz(arrays, bfloat16=True))
+    out[embedding_format] = encode_embeddings(arrays, embedding_format)
     if record.extra:
         out["json"] = _dumps(record.extra)
     if record.url:
@@ -357,6 +362,10 @@ class WebDatasetSource:
     @property
     def shard_paths(self) -> List[str]:
         return list(self._index.paths)
+
+    def shard_of(self, index: int) -> str:
+        """Path of the (reinforced-side) shard holding record ``index``."""
+        return self._index.shard_of(operator.index(index))
 
     @property
     def index_faults(self) -> List[str]:

@@ -1,0 +1,43 @@
+"""Generate a reinforced dataset (or add a teacher to one): the same program on every host.
+
+    python launch/reinforce.py --config configs/reinforce/coco_mini.py[:variant] \\
+        --config.output_dir=DIR [--config.key=value ...]
+
+Multi-host: pass ``--config.run.distributed=True`` on every host (``jax.distributed`` auto-detects
+TPU pods and Slurm; elsewhere also ``--config.run.coordinator_address=HOST:PORT
+--config.run.num_processes=N --config.run.process_id=I``). Process i makes shards i mod n;
+process 0 writes the report and metadata once all are finished. A killed run is resumed by
+rerunning the same command: finished shards are skipped.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+
+from absl import app  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/reinforce/*.py", lock_config=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; everything goes through --config.*")
+    cfg = _CONFIG.value
+    barrier, index, count = None, 0, 1
+    if cfg.run.distributed:
+        import jax
+        from jax.experimental import multihost_utils
+        kwargs = {}
+        if cfg.run.coordinator_address:
+            kwargs = dict(coordinator_address=cfg.run.coordinator_address,
+                          num_processes=cfg.run.num_processes, process_id=cfg.run.process_id)
+        jax.distributed.initialize(**kwargs)
+        index, count = jax.process_index(), jax.process_count()
+        barrier = multihost_utils.sync_global_devices
+    from mobileclip2_jax.jobs.reinforce import run
+    run(cfg, process_index=index, process_count=count, barrier=barrier)
+
+
+if __name__ == "__main__":
+    app.run(main)
