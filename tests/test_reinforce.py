@@ -1,0 +1,155 @@
+"""Dataset generation (``data/reinforce.py``, ``launch/reinforce.py``) on real COCO photos.
+
+The teacher is a MobileCLIP2-S0 (random weights, 64 px) loaded from an Orbax checkpoint, as a
+user's trained teacher would be. Checked: replaying every stored augmentation and re-running the
+teacher through the public API reproduces the stored image embedding (1e-5); stored text rows
+are the teacher's ``encode_text`` of the stored captions; the stored augmentations are the
+seeded draws; the output trains (inspector + Grain pipeline); a corrupt image is skipped and
+reported while the run completes; a rerun with another configuration is refused.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mobileclip2_jax.data.aug_sampling import AugSamplingConfig, sample_aug_params_list, sample_rng
+from mobileclip2_jax.data.augment import Replayer
+from mobileclip2_jax.data.inspection import inspect_dataset
+from mobileclip2_jax.data.pipeline import PipelineConfig, ReinforcedPipeline, open_source
+from mobileclip2_jax.data.preprocess import PreprocessConfig
+from mobileclip2_jax.data.records import SchemaError, decode_image
+from mobileclip2_jax.data.reinforce import shard_report_path
+from mobileclip2_jax.jobs import reinforce as job
+from mobileclip2_jax.tokenizers.clip_bpe import ClipBpeTokenizer
+from reinforce_fixture import TEACHER_SIZE, coco_subset, make_config, zoo_checkpoint
+
+N_IMAGES, N_AUG = 10, 3
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    return zoo_checkpoint(tmp_path_factory.mktemp("teacher") / "s0")
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, teacher_ckpt):
+    root = tmp_path_factory.mktemp("coco")
+    ann, img_dir, images = coco_subset(root / "src", N_IMAGES)
+    cfg = make_config(root / "out", ann, img_dir, teacher_ckpt, num_augs=N_AUG, per_shard=4)
+    summary = job.run(cfg)
+    return cfg, summary, images
+
+
+def test_stored_embeddings_are_the_teachers_outputs_on_replayed_views(generated, teacher_ckpt):
+    cfg, summary, images = generated
+    assert summary["shards_made"] == 3 and summary["report"]["num_samples"] == N_IMAGES
+    from mobileclip2_jax.factory import create_model, get_tokenizer
+    # the form the metadata records ("reparameterized"), through the public API
+    teacher = create_model("MobileCLIP2-S0", pretrained=teacher_ckpt, image_size=TEACHER_SIZE).reparameterize()
+    tok = get_tokenizer("MobileCLIP2-S0")
+    replayer = Replayer(PreprocessConfig(TEACHER_SIZE), "bicubic")  # v2 S0: raw [0, 1] pixels
+    source = open_source(cfg.output_dir)
+    assert len(source) == N_IMAGES
+    captions_by_file = {}
+    with open(cfg.source.annotations) as f:
+        ann = json.load(f)
+    for a in ann["annotations"]:
+        captions_by_file.setdefault(a["image_id"], []).append(a["caption"].strip())
+    max_img = max_txt = 0.0
+    for i in range(len(source)):
+        rec = source.decode(source[i])
+        im = images[i]
+        assert rec.key == os.path.splitext(im["file_name"])[0]
+        image = decode_image(rec.image)
+        # the stored augmentations are the (seed, key) draws at the stored image's size
+        expect = sample_aug_params_list(sample_rng(0, rec.key), image.width, image.height, N_AUG,
+                                        AugSamplingConfig())
+        assert rec.param_aug == expect
+        views = np.stack([replayer(image, p)[0] for p in rec.param_aug])
+        ref = np.asarray(teacher.encode_image(views))
+        max_img = max(max_img, float(np.abs(ref - rec.image_emb).max()))
+        caps = captions_by_file[im["id"]]
+        assert rec.captions == caps[:1] and rec.syn_texts == {"syn_text": caps[1:]}
+        ref_gt = np.asarray(teacher.encode_text(tok(rec.captions)))
+        ref_syn = np.asarray(teacher.encode_text(tok(rec.syn_texts["syn_text"])))
+        max_txt = max(max_txt, float(np.abs(ref_gt - rec.text_emb).max()),
+                      float(np.abs(ref_syn - rec.syn_text_embs["syn_text"]).max()))
+        assert rec.extra["width"] == image.width and rec.extra["image_id"] == im["id"]
+    assert max_img <= 1e-5, max_img
+    assert max_txt <= 1e-5, max_txt
+
+
+def test_output_is_a_complete_trainable_dataset(generated):
+    cfg, _, _ = generated
+    out = cfg.output_dir
+    meta = json.load(open(os.path.join(out, "reinforced_metadata.json")))
+    assert [t["name"] for t in meta["teachers"]] == ["s0-test"] and meta["embed_dim"] == 512
+    assert meta["num_samples"] == N_IMAGES and meta["text_emb_layout"] == "dfndr"
+    assert meta["augmentation"]["num_augs"] == N_AUG
+    assert meta["augmentation"]["rand_augment"]["num_ops"] == 2
+    assert meta["augmentation"]["rand_augment"]["magnitude"] == 9
+    assert meta["extra"]["teacher_details"][0]["checkpoint"] == cfg.teachers[0].checkpoint
+    manifest = [json.loads(line) for line in open(os.path.join(out, "manifest.jsonl"))]
+    assert manifest == [{"shard": "00000000", "num_uids": 4}, {"shard": "00000001", "num_uids": 4},
+                        {"shard": "00000002", "num_uids": 2}]
+    report = inspect_dataset(open_source(out), progress=None)
+    assert report["trainable"] and report["good_samples"] == N_IMAGES
+    assert report["synthetic_captions_per_sample"]["syn_text"]["min"] == 4
+    s = report["image_emb_norm_per_teacher"]["s0-test"]
+    assert abs(s["min"] - 1) < 1e-5 and abs(s["max"] - 1) < 1e-5
+    pipeline = ReinforcedPipeline(open_source(out), PipelineConfig(
+        global_batch_size=4, preprocess=PreprocessConfig(32)), ClipBpeTokenizer())
+    batch = next(iter(pipeline.host_iterator()))
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["image_emb"].shape == (4, 512)
+
+
+def test_rerun_skips_finished_shards_and_refuses_another_config(generated):
+    cfg, _, _ = generated
+    before = {n: os.path.getmtime(os.path.join(cfg.output_dir, n)) for n in os.listdir(cfg.output_dir)
+              if n.endswith(".tar")}
+    summary = job.run(cfg)
+    assert summary["shards_made"] == 0 and summary["shards_already_finished"] == 3
+    assert before == {n: os.path.getmtime(os.path.join(cfg.output_dir, n)) for n in before}
+    other = make_config(cfg.output_dir, cfg.source.annotations, cfg.source.image_dir,
+                        cfg.teachers[0].checkpoint, num_augs=N_AUG + 1, per_shard=4)
+    with pytest.raises(SchemaError, match="different configuration.*spec"):
+        job.run(other)
+
+
+def test_corrupt_images_are_skipped_and_reported(tmp_path, teacher_ckpt):
+    ann, img_dir, images = coco_subset(tmp_path / "src", 6, missing=(4,), corrupt={
+        1: lambda b: b[:len(b) // 3],            # truncated JPEG
+        2: lambda b: b"",                        # empty file
+        3: lambda b: b"GIF89a not really"})      # not an image
+    cfg = make_config(tmp_path / "out", ann, img_dir, teacher_ckpt, num_augs=2, per_shard=3)
+    summary = job.run(cfg)
+    report = json.load(open(os.path.join(cfg.output_dir, "reinforce_report.json")))
+    keys = [os.path.splitext(im["file_name"])[0] for im in images]
+    assert summary["report"]["num_samples"] == report["num_samples"] == 2  # images 0 and 5
+    assert {(r["key"], r["kind"]) for r in report["skipped"]} == {
+        (keys[1], "image_decode"), (keys[2], "image_empty"), (keys[3], "image_decode")}
+    assert all(r["reason"] and r["shard"] for r in report["skipped"])
+    assert [s["key"] for s in report["skipped_at_indexing"]] == [keys[4]]  # file missing
+    assert report["skipped_at_indexing"][0]["kind"] == "missing_image"
+    assert sorted(open_source(cfg.output_dir).keys) == sorted([keys[0], keys[5]])
+    per_shard = json.load(open(shard_report_path(cfg.output_dir, 0)))
+    assert per_shard["num_records"] == 1 and len(per_shard["skipped"]) == 2
+
+
+def test_bad_configs_fail_before_any_work(tmp_path, teacher_ckpt):
+    ann, img_dir, _ = coco_subset(tmp_path / "src", 2)
+    cfg = make_config(tmp_path / "out", ann, img_dir, "")
+    with pytest.raises(ValueError, match=r"config.teachers\[0\].*no checkpoint given"):
+        job.run(cfg)
+    cfg = make_config(tmp_path / "out", ann, img_dir, str(tmp_path / "nope"))
+    with pytest.raises(Exception, match="nope"):
+        job.run(cfg)
+    cfg = make_config(tmp_path / "out", ann, img_dir, teacher_ckpt, **{"synthetic.0.kind": "json",
+                                                                       "synthetic.0.json_path": "x.json"})
+    with pytest.raises(FileNotFoundError, match=r"config.synthetic\[0\].*x.json"):
+        job.run(cfg)
+    cfg = make_config(tmp_path / "out", ann, img_dir, teacher_ckpt, **{"source.kind": "lmdb"})
+    with pytest.raises(ValueError, match="source.kind must be one of"):
+        job.run(cfg)
+    assert not os.path.exists(tmp_path / "out" / "reinforced_metadata.json")
