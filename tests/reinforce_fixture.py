@@ -108,3 +108,13 @@ def config_flags_for(config):
             f"--config.teachers[0].image_size={t.image_size}", f"--config.teachers[0].batch_size={t.batch_size}",
             f"--config.teachers[0].label={t.label}", "--config.run.replay_threads=2",
             "--config.run.chunk_records=2", "--config.run.progress_every_s=0"]
+
+
+def make_captioner(options):
+    """A stand-in captioning model for the ``python`` synthetic-caption slot (see
+    ``data/synthetic_captions.py``): describes the decoded image it is given."""
+    style = options.get("style", "photo")
+
+    def caption(image, item):
+        return [f"a {style} of {image.width} by {image.height} pixels", f"{item.extra['class_text']} item"]
+    return caption

@@ -153,3 +153,77 @@ def test_bad_configs_fail_before_any_work(tmp_path, teacher_ckpt):
     with pytest.raises(ValueError, match="source.kind must be one of"):
         job.run(cfg)
     assert not os.path.exists(tmp_path / "out" / "reinforced_metadata.json")
+
+
+def test_imagefolder_and_tar_sources_with_a_captioner_slot(tmp_path, teacher_ckpt):
+    """ImageFolder (clothing photos, template captions) with two synthetic keys — the other
+    templates and a captioning model plugged into the ``python`` slot — then the same images as
+    an image+caption webdataset tar source."""
+    import shutil
+    import tarfile
+    from reinforce_fixture import COCO
+    clothing = COCO.parent / "clothing" / "train"
+    root = tmp_path / "folder"
+    for cls in ("hat", "longsleeve"):
+        (root / cls).mkdir(parents=True)
+        for f in sorted(os.listdir(clothing / cls))[:2]:
+            shutil.copyfile(clothing / cls / f, root / cls / f)
+    cfg = make_config(tmp_path / "out_folder", "", "", teacher_ckpt, num_augs=1, per_shard=4, **{
+        "source.kind": "imagefolder", "source.root": str(root)})
+    cfg.source.class_names = {"longsleeve": "long-sleeve shirt"}
+    captioner = cfg.synthetic[0].copy_and_resolve_references()
+    captioner.update(kind="python", key="syn_text_captioner", factory="reinforce_fixture:make_captioner",
+                     options={"style": "picture"})
+    cfg.synthetic.append(captioner)
+    job.run(cfg)
+    src = open_source(cfg.output_dir)
+    recs = [src.decode(src[i]) for i in range(len(src))]
+    assert len(recs) == 4
+    for r in recs:
+        text = r.extra["class_text"]
+        assert text in ("hat", "long-sleeve shirt")
+        assert r.captions == [f"a photo of a {text}."]
+        assert r.syn_texts["syn_text"] == [t.format(text) for t in (
+            "a close-up photo of a {}.", "a cropped photo of a {}.", "a photo of the {}.", "a good photo of a {}.")]
+        w, h = decode_image(r.image).size
+        assert r.syn_texts["syn_text_captioner"] == [f"a picture of {w} by {h} pixels", f"{text} item"]
+        assert r.syn_text_embs["syn_text_captioner"].shape == (2, 512)
+    # the same photos + their GT captions as a plain image+caption tar (img2dataset layout)
+    tar_path = tmp_path / "pairs.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for r in recs:
+            for ext, data in (("jpg", r.image), ("txt", r.captions[0].encode())):
+                info = tarfile.TarInfo(f"{r.key.replace('/', '_')}.{ext}")
+                info.size = len(data)
+                import io
+                tar.addfile(info, io.BytesIO(data))
+    cfg = make_config(tmp_path / "out_tar", "", "", teacher_ckpt, num_augs=1, per_shard=4, **{
+        "source.kind": "tar", "source.pattern": str(tar_path), "synthetic.0.kind": "none"})
+    job.run(cfg)
+    src2 = open_source(cfg.output_dir)
+    got = {src2.decode(src2[i]).key: src2.decode(src2[i]) for i in range(len(src2))}
+    for r in recs:
+        g = got[r.key.replace("/", "_")]
+        assert g.captions == r.captions and g.syn_texts == {} and g.image == r.image
+        assert g.image_emb.shape == (1, 512)
+
+
+@pytest.mark.parametrize("name", ["coco_mini", "coco_mini:smoke", "clothing", "datacompdr_like", "add_teacher"])
+def test_every_reinforce_config_builds(name):
+    """Each shipped config parses into a valid generation spec and caption providers."""
+    import importlib
+    module, _, arg = name.partition(":")
+    cfg = importlib.import_module(f"configs.reinforce.{module}").get_config(*([arg] if arg else []))
+    spec = job.build_spec(cfg)
+    assert spec.augmentation.num_ops == 2 and spec.augmentation.magnitude == 9
+    assert spec.augmentation.crop_size == 224 and spec.augmentation.interpolation == "bicubic"
+    assert cfg.teachers and all(t.kind in job.TEACHER_KINDS for t in cfg.teachers)
+    if module == "datacompdr_like":
+        assert spec.num_augs == 30 and spec.embedding_format == "pth.gz"
+        assert spec.text_emb_layout == "datacompdr" and not spec.store_images
+        assert [t.label for t in cfg.teachers] == ["ViT-L-14:datacomp_xl_s13b_b90k", "ViT-L-14:openai"]
+    elif cfg.synthetic[0].kind != "json":
+        assert job.build_captions(cfg.synthetic)[0].key == "syn_text"
+    if module in ("coco_mini", "clothing") and not arg:
+        source, desc = job.build_source(cfg.source)  # the shared data the config points at
+        assert len(source) == {"coco_mini": 80, "clothing": 3068}[module]

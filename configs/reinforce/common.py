@@ -29,11 +29,12 @@ def base_config() -> ConfigDict:
     c.mode = "generate"                 # or "add_teacher"
     c.output_dir = ""                   # required
     c.source = ConfigDict({"kind": "coco", "annotations": "", "image_dir": "", "root": "",
-                           "templates": (), "pattern": "", "max_items": 0})
+                           "templates": (), "class_names": {}, "pattern": "", "max_items": 0})
     c.input_dir = ""                    # add_teacher: the existing dataset
     c.image_shards = ""                 # add_teacher: its image shards, if the dataset is image-less
     c.synthetic = [ConfigDict({"kind": "other_captions", "key": "syn_text", "json_path": "",
-                               "templates": (), "factory": "", "max_per_image": 0})]
+                               "templates": (), "factory": "", "options": {},
+                               "max_per_image": 0})]
     c.augmentation = ConfigDict({"num_augs": 10, "seed": 0, "crop_size": 224, "scale": (0.08, 1.0),
                                  "ratio": (3.0 / 4.0, 4.0 / 3.0), "num_ops": 2, "magnitude": 9,
                                  "num_magnitude_bins": 31, "randaugment_p": 1.0,

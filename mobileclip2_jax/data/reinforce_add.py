@@ -26,7 +26,7 @@ import hashlib
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Dict, List, Optional, TextIO
 
 import numpy as np
 

@@ -18,6 +18,7 @@ line, e.g. ``--config.teachers[0].checkpoint=/ckpt/s4 --config.output.samples_pe
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -81,8 +82,7 @@ def build_source(cfg: Any) -> Tuple[Any, Dict[str, Any]]:
     if max_items > 0:
         src = _Limited(src, max_items)
         desc["max_items"] = max_items
-    desc["skipped_at_indexing"] = [vars(s) if hasattr(s, "__dict__") else s._asdict()
-                                   for s in getattr(src, "skipped", [])][:1000]
+    desc["skipped_at_indexing"] = [dataclasses.asdict(s) for s in getattr(src, "skipped", [])][:1000]
     return src, desc
 
 
