@@ -36,7 +36,13 @@ def main(argv):
         index, count = jax.process_index(), jax.process_count()
         barrier = multihost_utils.sync_global_devices
     from mobileclip2_jax.jobs.reinforce import run
-    run(cfg, process_index=index, process_count=count, barrier=barrier)
+    try:
+        run(cfg, process_index=index, process_count=count, barrier=barrier)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as e:
+        # configuration and input errors (SchemaError is a ValueError): the message names the
+        # config key or file; finished shards stay, so fixing the input and rerunning resumes
+        print(f"reinforce: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

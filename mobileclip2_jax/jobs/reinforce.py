@@ -152,6 +152,11 @@ def run(cfg: Any, *, process_index: int = 0, process_count: int = 1,
                   replay_threads=int(_get(r, "replay_threads", 4)),
                   progress_every=float(_get(r, "progress_every_s", 10.0)))
     mode = _get(cfg, "mode", "generate")
+    if mode not in ("generate", "add_teacher"):
+        raise ValueError(f"config.mode must be 'generate' or 'add_teacher'; got {mode!r}")
+    if mode == "generate":  # cheap input checks first: a typo must not wait for teacher loading
+        source, desc = build_source(cfg.source)
+        captions, spec = build_captions(cfg.get("synthetic", [])), build_spec(cfg)
     teachers = [build_teacher(t, i) for i, t in enumerate(cfg.teachers)]
     if mode == "add_teacher":
         from mobileclip2_jax.data.reinforce_add import TeacherAdder
@@ -163,16 +168,13 @@ def run(cfg: Any, *, process_index: int = 0, process_count: int = 1,
                            chunk_records=int(_get(r, "chunk_records", 16)), **common)
         summary = job.run()
         shards, metadata, extra = job.shards, job.output_metadata(), {"mode": mode, "input_dir": job.input_dir}
-    elif mode == "generate":
-        source, desc = build_source(cfg.source)
-        job = Generator(source, teachers, build_captions(cfg.get("synthetic", [])), build_spec(cfg), output_dir,
+    else:
+        job = Generator(source, teachers, captions, spec, output_dir,
                         source_description=desc, max_bad_fraction=float(_get(r, "max_bad_fraction", 0.5)),
                         **common)
         summary = job.run()
         shards = num_shards(len(source), job.spec.samples_per_shard)
         metadata, extra = generation_metadata(job), {"mode": mode, "skipped_at_indexing": desc["skipped_at_indexing"]}
-    else:
-        raise ValueError(f"config.mode must be 'generate' or 'add_teacher'; got {mode!r}")
     log(f"[reinforce] process {process_index}: {summary}")
     if barrier is not None:
         barrier("reinforce:shards_done")
