@@ -122,7 +122,8 @@ def test_corrupt_images_are_skipped_and_reported(tmp_path, teacher_ckpt):
         1: lambda b: b[:len(b) // 3],            # truncated JPEG
         2: lambda b: b"",                        # empty file
         3: lambda b: b"GIF89a not really"})      # not an image
-    cfg = make_config(tmp_path / "out", ann, img_dir, teacher_ckpt, num_augs=2, per_shard=3)
+    cfg = make_config(tmp_path / "out", ann, img_dir, teacher_ckpt, num_augs=2, per_shard=3,
+                      **{"output.arrayrecord_dir": str(tmp_path / "tfds")})
     summary = job.run(cfg)
     report = json.load(open(os.path.join(cfg.output_dir, "reinforce_report.json")))
     keys = [os.path.splitext(im["file_name"])[0] for im in images]
@@ -135,6 +136,15 @@ def test_corrupt_images_are_skipped_and_reported(tmp_path, teacher_ckpt):
     assert sorted(open_source(cfg.output_dir).keys) == sorted([keys[0], keys[5]])
     per_shard = json.load(open(shard_report_path(cfg.output_dir, 0)))
     assert per_shard["num_records"] == 1 and len(per_shard["skipped"]) == 2
+    # the ArrayRecord copy (output.arrayrecord_dir) holds the same records
+    wds, ar = open_source(cfg.output_dir), open_source(str(tmp_path / "tfds"))
+    assert len(ar) == 2 and ar.metadata.teachers == wds.metadata.teachers
+    by_key = {r.key: r for r in (wds.decode(wds[i]) for i in range(2))}
+    for i in range(2):
+        got = ar.decode(ar[i])
+        ref = by_key[got.key]
+        assert got.image == ref.image and got.param_aug == ref.param_aug and got.captions == ref.captions
+        assert np.array_equal(got.image_emb, ref.image_emb) and np.array_equal(got.text_emb, ref.text_emb)
 
 
 def test_bad_configs_fail_before_any_work(tmp_path, teacher_ckpt):
