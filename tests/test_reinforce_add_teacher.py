@@ -89,6 +89,16 @@ def test_add_open_clip_teacher(inputs, layout, fmt):
     assert inspect_dataset(src_a, progress=None)["trainable"]
     if layout == "dfndr":
         _check_against_open_clip(tiny, after[0])
+        # an ensemble generated in one run = the zoo run + the added teacher, column for column
+        both = make_config(root / f"ensemble_{tag}", ann, img_dir, s0, num_augs=2, per_shard=3, **over)
+        both.teachers.append(_open_clip_teacher_cfg(tiny))
+        job.run(both)
+        src_e, ensemble = _records(both.output_dir)
+        assert src_e.metadata.teachers == meta.teachers
+        for e, a in zip(ensemble, after):
+            np.testing.assert_allclose(e.image_emb, a.image_emb, atol=1e-6, rtol=0)
+            np.testing.assert_allclose(e.text_emb, a.text_emb, atol=1e-6, rtol=0)
+            np.testing.assert_allclose(e.syn_text_embs["syn_text"], a.syn_text_embs["syn_text"], atol=1e-6, rtol=0)
 
 
 def _check_against_open_clip(model_dir, rec):

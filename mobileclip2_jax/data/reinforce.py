@@ -178,11 +178,14 @@ def embed_records(pending: Sequence[PendingRecord], teachers: Sequence[Any],
     views = [(r, p) for r in pending for p in r.param_aug]
     texts = [t for r in pending for t in r.texts]
     image_blocks, text_blocks = [], []
+    replayed: Dict[Any, np.ndarray] = {}  # teachers with equal preprocessing share the views
     for teacher in teachers:
-        replayer = Replayer(teacher.preprocess, interpolation)
-        replay = lambda rp: replayer(rp[0].image, rp[1])[0]  # noqa: E731
-        arrays = list(pool.map(replay, views)) if pool is not None else [replay(v) for v in views]
-        image_blocks.append(teacher.encode_images(np.stack(arrays)))
+        if teacher.preprocess not in replayed:
+            replayer = Replayer(teacher.preprocess, interpolation)
+            replay = lambda rp: replayer(rp[0].image, rp[1])[0]  # noqa: E731
+            arrays = list(pool.map(replay, views)) if pool is not None else [replay(v) for v in views]
+            replayed[teacher.preprocess] = np.stack(arrays)
+        image_blocks.append(teacher.encode_images(replayed[teacher.preprocess]))
         text_blocks.append(teacher.encode_texts(texts) if texts else np.zeros((0, teacher.dim), np.float32))
     image_emb, text_emb = np.concatenate(image_blocks, 1), np.concatenate(text_blocks, 1)
     out, iv, it = [], 0, 0
