@@ -28,6 +28,16 @@ def main(argv=None) -> int:
                         help="share of bad samples still reported trainable (default 0)")
     parser.add_argument("--no-images", action="store_true", help="skip image decoding (faster)")
     args = parser.parse_args(argv)
+    if args.max_samples is not None and args.max_samples < 1:
+        parser.error(f"--max-samples must be ≥ 1; got {args.max_samples}")
+    if not 0.0 <= args.max_bad_fraction <= 1.0:
+        parser.error(f"--max-bad-fraction must be in [0, 1]; got {args.max_bad_fraction}")
+    if args.syn_text_key_regex is not None:
+        import re
+        try:
+            re.compile(args.syn_text_key_regex)
+        except re.error as e:
+            parser.error(f"--syn-text-key-regex {args.syn_text_key_regex!r} is not a valid regex ({e})")
 
     from mobileclip2_jax.data.inspection import format_report, inspect_dataset
     from mobileclip2_jax.data.pipeline import open_source

@@ -14,10 +14,26 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
-from absl import app  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/reinforce/*.py", lock_config=True)
+flags.mark_flag_as_required("config")
+
+
+def parse_flags(argv):
+    """absl parsing, with config-override mistakes (unknown key, wrong type, bad index) reported
+    in one line instead of ml_collections' traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"reinforce: error: {e}\nPass --config configs/reinforce/<name>.py[:variant] and "
+              f"--config.<key>=<value> overrides.", file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as e:
+        print(f"reinforce: error: bad --config override ({type(e).__name__}: {e}); the keys are listed "
+              f"in mobileclip2_jax/jobs/reinforce.py and configs/reinforce/common.py", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv):
@@ -43,7 +59,11 @@ def main(argv):
         # config key or file; finished shards stay, so fixing the input and rerunning resumes
         print(f"reinforce: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("reinforce: interrupted; finished shards are kept — rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -345,3 +345,27 @@ def test_unreadable_input_exits_2(case, good, tmp_path):
         assert needle in stderr and needle in report["error"]
     assert report["path"] == path and report["trainable"] is False
     assert "Traceback" not in stderr
+
+
+def test_truncated_shard_is_not_trainable_even_when_bad_samples_are_allowed(good, tmp_path):
+    """A shard cut short loses its tail silently unless the record count is checked against the
+    metadata: the report says how many are missing."""
+    import shutil
+    path, _, _ = good
+    for name in os.listdir(path):
+        shutil.copyfile(os.path.join(path, name), tmp_path / name)
+    shard = tmp_path / "00000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2])
+    rc, report, _ = run_cli(str(tmp_path), "--max-bad-fraction", 0.9)
+    assert rc == 1 and report["samples"] < N_GOOD
+    assert any(f"the metadata says {N_GOOD} samples but {report['samples']} records were found" in p
+               for p in report["problems"])
+
+
+def test_bad_arguments_exit_2(good):
+    path, _, _ = good
+    for args in (["--syn-text-key-regex", "("], ["--max-samples", "-1"], ["--max-bad-fraction", "5"]):
+        proc = subprocess.run([sys.executable, "launch/inspect_data.py", path, *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)

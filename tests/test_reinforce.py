@@ -123,7 +123,7 @@ def test_corrupt_images_are_skipped_and_reported(tmp_path, teacher_ckpt):
         2: lambda b: b"",                        # empty file
         3: lambda b: b"GIF89a not really"})      # not an image
     cfg = make_config(tmp_path / "out", ann, img_dir, teacher_ckpt, num_augs=2, per_shard=3,
-                      **{"output.arrayrecord_dir": str(tmp_path / "tfds")})
+                      **{"output.arrayrecord_dir": str(tmp_path / "tfds"), "run.max_bad_fraction": 0.9})
     summary = job.run(cfg)
     report = json.load(open(os.path.join(cfg.output_dir, "reinforce_report.json")))
     keys = [os.path.splitext(im["file_name"])[0] for im in images]
@@ -237,3 +237,54 @@ def test_every_reinforce_config_builds(name):
     if module in ("coco_mini", "clothing") and not arg:
         source, desc = job.build_source(cfg.source)  # the shared data the config points at
         assert len(source) == {"coco_mini": 80, "clothing": 3068}[module]
+
+
+def test_output_dirs_that_would_lose_data_are_refused(tmp_path, teacher_ckpt):
+    """A directory holding someone else's shards is never written into; an add-a-teacher output
+    that is the input (even through a symlink) is refused; a run whose every image is unusable
+    fails instead of writing a "complete" empty dataset; a plan left by a run that failed
+    before finishing any shard does not lock the directory."""
+    ann, img_dir, _ = coco_subset(tmp_path / "src", 3)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "00000000.tar").write_bytes(b"someone else's shard")
+    cfg = make_config(foreign, ann, img_dir, teacher_ckpt, num_augs=1)
+    with pytest.raises(SchemaError, match="not a run of this generator"):
+        job.run(cfg)
+    assert (foreign / "00000000.tar").read_bytes() == b"someone else's shard"
+
+    empty = make_config(tmp_path / "nothing", ann, img_dir, teacher_ckpt, num_augs=1,
+                        **{"synthetic.0.max_per_image": 1})
+    empty.synthetic[0].kind = "json"
+    (tmp_path / "caps.json").write_text(json.dumps({"unrelated": ["a caption"]}))
+    empty.synthetic[0].json_path = str(tmp_path / "caps.json")
+    with pytest.raises(SchemaError, match="3 of 3 images could not be used"):
+        job.run(empty)
+    assert not os.path.exists(tmp_path / "nothing" / "reinforced_metadata.json")
+    # the failed run finished no shard with a record … its plan does not block a fixed rerun
+    fixed = make_config(tmp_path / "nothing", ann, img_dir, teacher_ckpt, num_augs=1)
+    assert job.run(fixed)["report"]["num_samples"] == 3
+
+    os.symlink(tmp_path / "nothing", tmp_path / "alias")
+    add = make_config(tmp_path / "alias", ann, img_dir, teacher_ckpt)
+    add.mode, add.input_dir = "add_teacher", str(tmp_path / "nothing")
+    add.teachers[0].label = "another"
+    with pytest.raises(ValueError, match="output_dir must differ"):
+        job.run(add)
+
+
+def test_cli_errors_are_one_line_with_exit_2(tmp_path):
+    import subprocess
+    import sys
+    from reinforce_fixture import REPO
+    base = [sys.executable, "launch/reinforce.py", "--config", "configs/reinforce/coco_mini.py:smoke",
+            f"--config.output_dir={tmp_path / 'o'}"]
+    cases = {"--config.no_such_key=1": "bad --config override",
+             "--config.output.samples_per_shard=abc": "samples_per_shard=abc",
+             "--config.run.max_bad_fraction=0": "config.run.max_bad_fraction must be in (0, 1]",
+             "--config.source.max_items=-5": "config.source.max_items must be ≥ 0"}
+    for flag, needle in cases.items():
+        proc = subprocess.run(base + [flag], cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert proc.returncode == 2, (flag, proc.stderr[-2000:])
+        assert needle in proc.stderr and "Traceback" not in proc.stderr, (flag, proc.stderr[-2000:])

@@ -148,7 +148,16 @@ def test_coco_source_skips_and_reports(tmp_path):
     assert len(s) == 3 and all(len(it.captions) == 5 for it in s)
     kinds = {(k.key, k.kind) for k in s.skipped}
     assert kinds == {("", "orphan_caption"), ("000000000001", "no_caption"),
-                     ("000000000002", "missing_image")}
+                     ("000000000002", "missing_image"), ("", "bad_caption")}
+    bad = [k for k in s.skipped if k.kind == "bad_caption"][0]
+    assert "1 captions are empty or not strings" in bad.detail and str(len(anns) - 1) in bad.detail
+    # a file_name escaping the image directory is refused, not read
+    escape = dict(images[0], id=-3, file_name="../outside.jpg")
+    (tmp_path.parent / "outside.jpg").write_bytes(b"x")
+    ann.write_text(json.dumps({"images": images + [escape],
+                               "annotations": anns + [{"image_id": -3, "id": 4, "caption": "up"}]}))
+    s2 = src.CocoCaptionsSource(ann, tmp_path)
+    assert len(s2) == 3 and ("outside", "bad_path") in {(k.key, k.kind) for k in s2.skipped}
     assert any("000000000002.jpg" in k.detail for k in s.skipped)
 
 

@@ -3,9 +3,14 @@
 Defaults are the released recipe where one exists (RandAugment num_ops 2, magnitude 9 after a
 RandomResizedCrop to 224 with scale (0.08, 1), bicubic; ``training_and_data.md`` §1.3, §4.3).
 """
+import os
+
 from ml_collections import ConfigDict, config_dict
 
-SHARED = "../shared/data"  # relative to the repository root, where launch/ runs
+# ../shared/data beside the repository, whatever the working directory
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                      os.pardir, "shared", "data")
+SHARED = os.path.normpath(SHARED)
 
 
 def teacher(kind: str = "zoo", model: str = "MobileCLIP2-S4", checkpoint: str = "", **overrides) -> ConfigDict:

@@ -20,6 +20,8 @@ no synthetic key matching the training regex, or more than ``max_bad_fraction`` 
 from __future__ import annotations
 
 import collections
+import json
+import os
 import re
 import sys
 import time
@@ -138,6 +140,8 @@ def inspect_dataset(source: Any, *, syn_text_key_regex: str = DEFAULT_SYN_TEXT_K
                         f"{syn_text_key_regex!r}; training skips them")
     if n and n_bad > max_bad_fraction * n:
         problems.append(f"{n_bad} of {n} samples are bad (allowed: {max_bad_fraction:.1%})")
+    if max_samples is None or max_samples >= n_total:
+        problems.extend(_count_problems(source, metadata, n_total))
     for t, (teacher, s) in enumerate(zip(metadata.teachers, norms)):
         if s.n and (abs(s.lo - 1) > NORM_TOLERANCE or abs(s.hi - 1) > NORM_TOLERANCE):
             problems.append(f"teacher {teacher.name!r} (columns {metadata.blocks()[t]}): image "
@@ -163,6 +167,32 @@ def inspect_dataset(source: Any, *, syn_text_key_regex: str = DEFAULT_SYN_TEXT_K
         "trainable": not any(p for p in problems if "training skips" not in p),
         "seconds": round(time.monotonic() - start, 3),
     }
+
+
+def _count_problems(source: Any, metadata: DatasetMetadata, n_found: int) -> List[str]:
+    """Records the reader found vs what the metadata and the generator's manifest promise: a
+    shard cut short (a crashed copy) loses records silently otherwise."""
+    out = []
+    if metadata.num_samples is not None and metadata.num_samples != n_found:
+        out.append(f"the metadata says {metadata.num_samples} samples but {n_found} records were found "
+                   f"(missing or truncated shards?)")
+    shard_paths = getattr(source, "shard_paths", None)
+    if shard_paths:
+        manifest = os.path.join(os.path.dirname(shard_paths[0]), "manifest.jsonl")
+        if os.path.isfile(manifest):
+            try:
+                with open(manifest, encoding="utf-8") as f:
+                    promised = {json.loads(line)["shard"]: int(json.loads(line)["num_uids"]) for line in f if line.strip()}
+            except (ValueError, KeyError, TypeError) as e:
+                return out + [f"{manifest}: unreadable ({e})"]
+            counts = collections.Counter(os.path.basename(source.shard_of(i))[:-len(".tar")]
+                                         for i in range(n_found)) if hasattr(source, "shard_of") else None
+            if counts is not None:
+                for shard, n in sorted(promised.items()):
+                    if counts.get(shard, 0) != n:
+                        out.append(f"{manifest}: shard {shard} should hold {n} records; {counts.get(shard, 0)} "
+                                   f"were read")
+    return out
 
 
 def format_report(report: Dict[str, Any]) -> str:

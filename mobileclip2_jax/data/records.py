@@ -30,6 +30,7 @@ import io
 import json
 import math
 import os
+import re
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -257,7 +258,8 @@ def decode_image(data: bytes, *, key: Optional[str] = None,
             img = Image.open(io.BytesIO(data))
             img.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, … for bad bytes
-        raise BadSample("image_decode", f"cannot decode image ({type(e).__name__}: {e})",
+        msg = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(e))
+        raise BadSample("image_decode", f"cannot decode image ({type(e).__name__}: {msg})",
                         key=key, source=source) from None
     if img.width == 0 or img.height == 0:
         raise BadSample("image_empty", f"image has size {img.size}", key=key, source=source)

@@ -140,19 +140,69 @@ def remove_stale_temporaries(output_dir: str, shards: Sequence["int | str"]) -> 
                 pass
 
 
+def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(d, dict):
+        out: Dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _shard_reports(output_dir: str) -> Dict[str, Dict[str, Any]]:
+    reports = os.path.join(output_dir, REPORTS_DIR)
+    out = {}
+    for name in sorted(os.listdir(reports)) if os.path.isdir(reports) else []:
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(reports, name), encoding="utf-8") as f:
+                    out[name] = json.load(f)
+            except (OSError, ValueError):
+                out[name] = {"num_records": 1}  # unreadable: treat as real work, never delete it
+    return out
+
+
+def _discard_empty_run(output_dir: str, reports: Dict[str, Dict[str, Any]]) -> None:
+    """A previous plan's shards that hold no record (every image of it was unusable) are removed
+    with their reports, so that a corrected configuration starts clean."""
+    for name, rep in reports.items():
+        for path in (os.path.join(output_dir, REPORTS_DIR, name), os.path.join(output_dir, name[:-5] + ".tar")):
+            if os.path.exists(path):
+                os.remove(path)
+
+
 def check_or_write_plan(output_dir: str, plan: Dict[str, Any]) -> None:
-    """First run: record the plan. Later runs (restarts, other hosts): it must be identical."""
+    """First run: record the plan. Later runs (restarts, other hosts): it must be identical.
+
+    A directory holding shards or metadata but no plan belongs to something else and is refused
+    (nothing in it is overwritten). A plan under which no record was written yet (a first run
+    that failed early, or found every image unusable) is replaced, its empty shards removed.
+    """
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise FileExistsError(f"output_dir {output_dir} exists and is not a directory")
     path = os.path.join(output_dir, PLAN_FILENAME)
     plan = json.loads(json.dumps(plan, sort_keys=True, default=str))
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
-        if old != plan:
-            diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+        reports = _shard_reports(output_dir) if old != plan else {}
+        if old != plan and not any(r.get("num_records", 0) for r in reports.values()):
+            _discard_empty_run(output_dir, reports)  # nothing usable was made under the old plan
+        elif old != plan:
+            a, b = _flat(old), _flat(plan)
+            diff = [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             raise SchemaError(f"{path}: {output_dir} was generated with a different configuration "
-                              f"(differs in: {', '.join(diff)}). Use a new output directory, or "
-                              f"restore the original configuration to resume.")
-        return
+                              f"({'; '.join(diff[:6])}{' …' if len(diff) > 6 else ''}). Use a new "
+                              f"output directory, or restore the original configuration to resume.")
+        if old == plan:
+            return
+    else:
+        foreign = sorted(n for n in os.listdir(output_dir)
+                         if n.endswith(".tar") or n == "reinforced_metadata.json") if os.path.isdir(output_dir) else []
+        if foreign:
+            raise SchemaError(f"output_dir {output_dir} already holds {foreign[:3]}"
+                              f"{' …' if len(foreign) > 3 else ''} but no {PLAN_FILENAME}: it is not a "
+                              f"run of this generator; refusing to write into it (use a new directory)")
     write_json_atomic(path, plan)
 
 
@@ -206,16 +256,18 @@ class Progress:
         self.start = self.last = time.monotonic()
 
     def update(self, done: int, skipped: int, shard: str, force: bool = False) -> None:
+        """``done`` images embedded and ``skipped`` images left out since the last call."""
         self.done += done
         self.skipped += skipped
         now = time.monotonic()
-        if self.out is None or (not force and now - self.last < self.every):
+        if self.out is None or self.total == 0 or (not force and now - self.last < self.every):
             return
         self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        print(f"[{self.label}] {self.done}/{self.total} images  {rate:.2f} images/s  "
-              f"ETA {eta:.0f}s  skipped {self.skipped}  (last: {shard})", file=self.out, flush=True)
+        seen = self.done + self.skipped
+        rate = seen / max(now - self.start, 1e-9)
+        eta = f"{(self.total - seen) / rate:.0f}s" if rate > 0 else "?"
+        print(f"[{self.label}] {seen}/{self.total} images  {rate:.2f} images/s  ETA {eta}  "
+              f"skipped {self.skipped}  (shard {shard})", file=self.out, flush=True)
 
 
 # ------------------------------------------------------------------------------ generator
@@ -361,14 +413,23 @@ class Generator:
                 report = self.generate_shard(s, pool if self.replay_threads > 1 else None, progress)
                 seen += report["items"][1] - report["items"][0]
                 bad += len(report["skipped"])
-                if seen >= 50 and bad > self.max_bad_fraction * seen:
-                    raise SchemaError(f"{bad} of {seen} images could not be used (more than "
-                                      f"max_bad_fraction={self.max_bad_fraction}); see "
-                                      f"{shard_report_path(self.output_dir, s)} — is the source right?")
-        progress.update(0, 0, "done", force=True)
+                if seen >= 50:
+                    check_usable_fraction(seen, bad, self.max_bad_fraction, self.output_dir)
+        progress.update(0, 0, "all", force=True)
+        check_usable_fraction(seen, bad, self.max_bad_fraction, self.output_dir)
         return {"shards_made": len(todo), "shards_already_finished": n_skip_done,
                 "images": progress.done, "skipped": progress.skipped,
                 "seconds": round(time.monotonic() - progress.start, 3)}
+
+
+def check_usable_fraction(seen: int, bad: int, max_bad_fraction: float, output_dir: str) -> None:
+    """More than ``max_bad_fraction`` unusable images (or none usable) means the input or the
+    configuration is wrong — abort, naming where the per-shard reports are, instead of writing
+    a "complete" dataset of nothing."""
+    if seen and (bad == seen or bad > max_bad_fraction * seen):
+        raise SchemaError(f"{bad} of {seen} images could not be used (max_bad_fraction="
+                          f"{max_bad_fraction}); reasons per image in {os.path.join(output_dir, REPORTS_DIR)}"
+                          f" — is the source (or the synthetic-caption source) right?")
 
 
 # ------------------------------------------------------------------------------- finalize

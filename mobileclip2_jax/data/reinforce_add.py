@@ -32,10 +32,11 @@ import numpy as np
 
 from mobileclip2_jax.data.records import (IMAGE_EXTENSIONS, BadSample, DatasetMetadata,
                                           ReinforcedRecord, SchemaError, Teacher, decode_image)
-from mobileclip2_jax.data.reinforce import (PendingRecord, Progress, check_or_write_plan, embed_records,
+from mobileclip2_jax.data.reinforce import (PendingRecord, Progress, check_or_write_plan, check_usable_fraction,
+                                            embed_records,
                                             is_shard_finished, remove_stale_temporaries, shard_path,
                                             shard_report_path, shards_of_process, write_json_atomic)
-from mobileclip2_jax.data.tar_index import read_shard_members
+from mobileclip2_jax.data.tar_index import ShardError, read_shard_members
 from mobileclip2_jax.data.webdataset import EMBEDDING_FORMATS, ShardWriter, WebDatasetSource, encode_embeddings
 
 
@@ -61,10 +62,10 @@ class TeacherAdder:
 
     def __init__(self, input_dir: str, teacher: Any, output_dir: str, *, image_shards: Optional[str] = None,
                  process_index: int = 0, process_count: int = 1, replay_threads: int = 4,
-                 chunk_records: int = 16, interpolation: Optional[str] = None,
+                 chunk_records: int = 16, interpolation: Optional[str] = None, max_bad_fraction: float = 0.5,
                  progress: Optional[TextIO] = sys.stderr, progress_every: float = 10.0):
         self.input_dir, self.output_dir = os.path.abspath(input_dir), os.path.abspath(output_dir)
-        if self.input_dir == self.output_dir:
+        if os.path.realpath(self.input_dir) == os.path.realpath(self.output_dir):
             raise ValueError(f"add-a-teacher writes a new dataset; output_dir must differ from the input "
                              f"{input_dir} (the input is never modified)")
         self.source = WebDatasetSource(self.input_dir, image_shards=image_shards)
@@ -83,6 +84,7 @@ class TeacherAdder:
         aug = self.metadata.augmentation or {}
         self.interpolation = interpolation or aug.get("random_resized_crop", {}).get("interpolation", "bicubic")
         self.progress_out, self.progress_every = progress, progress_every
+        self.max_bad_fraction = max_bad_fraction
 
     def teacher_entry(self) -> Dict[str, Any]:
         t = self.teacher
@@ -130,18 +132,20 @@ class TeacherAdder:
                     progress.update(len(chunk), 0, shard)
                 chunk.clear()
 
-            for key, members in read_shard_members(self.shard_files[shard]):
-                try:
-                    if key not in self.index_of:
-                        raise BadSample("truncated", "record not indexed by the reader (cut or faulty "
-                                                     "member)", key=key)
-                    chunk.append((members, self._pending(key)))
-                except BadSample as e:
-                    skipped.append({"key": key, "kind": e.kind, "reason": e.detail})
-                    if progress is not None:
-                        progress.update(0, 1, shard)
-                if len(chunk) >= self.chunk_records:
-                    flush()
+            try:
+                for key, members in read_shard_members(self.shard_files[shard]):
+                    try:
+                        if key not in self.index_of or "__error_kind__" in members:
+                            raise BadSample("truncated", "record not readable (cut or faulty member)", key=key)
+                        chunk.append((members, self._pending(key)))
+                    except BadSample as e:
+                        skipped.append({"key": key, "kind": e.kind, "reason": e.detail})
+                        if progress is not None:
+                            progress.update(0, 1, shard)
+                    if len(chunk) >= self.chunk_records:
+                        flush()
+            except ShardError as e:  # a cut tar: keep what was read, list the rest as lost
+                skipped.append({"key": None, "kind": "truncated", "reason": f"rest of the shard unreadable: {e}"})
             flush()
         report = {"shard": shard, "num_records": written, "skipped": skipped,
                   "seconds": round(time.monotonic() - start, 3), "teachers": [self.teacher.name]}
@@ -178,6 +182,9 @@ class TeacherAdder:
         with concurrent.futures.ThreadPoolExecutor(self.replay_threads) as pool:
             for s in todo:
                 self.add_to_shard(s, pool if self.replay_threads > 1 else None, progress)
-        progress.update(0, 0, "done", force=True)
+        progress.update(0, 0, "all", force=True)
+        check_usable_fraction(progress.done + progress.skipped, progress.skipped, self.max_bad_fraction,
+                              self.output_dir)
         return {"shards_made": len(todo), "shards_already_finished": len(mine) - len(todo),
-                "images": progress.done, "skipped": progress.skipped}
+                "images": progress.done, "skipped": progress.skipped,
+                "seconds": round(time.monotonic() - progress.start, 3)}

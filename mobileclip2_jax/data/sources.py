@@ -231,7 +231,7 @@ class CocoCaptionsSource(_Source):
                 raise ValueError(f"{ann}: images[{n}]: duplicate image id {im['id']!r}")
             captions[im["id"]] = []
             images.append(im)
-        orphans = 0
+        orphans, unusable = 0, []
         for n, a in enumerate(data["annotations"]):
             if not isinstance(a, dict) or "image_id" not in a or "caption" not in a:
                 raise ValueError(f"{ann}: annotations[{n}] must have 'image_id' and 'caption'; "
@@ -240,6 +240,11 @@ class CocoCaptionsSource(_Source):
                 orphans += 1
             elif isinstance(a["caption"], str) and a["caption"].strip():
                 captions[a["image_id"]].append(a["caption"].strip())
+            else:
+                unusable.append(n)
+        if unusable:  # dropped, so the GT caption is the next usable one: say so
+            self.skipped.append(SkippedItem("", "bad_caption", f"{ann}: {len(unusable)} captions are "
+                                            f"empty or not strings (annotations{unusable[:5]}); left out"))
         if orphans:
             self.skipped.append(SkippedItem("", "orphan_caption", f"{ann}: {orphans} captions "
                                             f"refer to image ids not in 'images'"))
@@ -251,8 +256,11 @@ class CocoCaptionsSource(_Source):
             if key in seen:
                 raise ValueError(f"{ann}: two images map to key {key!r} ({file_name})")
             seen.add(key)
-            path = os.path.join(self.image_dir, file_name)
-            if not captions[im["id"]]:
+            path = os.path.normpath(os.path.join(self.image_dir, file_name))
+            if not path.startswith(self.image_dir + os.sep):
+                self.skipped.append(SkippedItem(key, "bad_path", f"{ann}: file_name {file_name!r} "
+                                                f"points outside {self.image_dir}"))
+            elif not captions[im["id"]]:
                 self.skipped.append(SkippedItem(key, "no_caption",
                                                 f"{ann}: image id {im['id']} has no caption"))
             elif not os.path.isfile(path):

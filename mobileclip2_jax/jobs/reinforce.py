@@ -79,6 +79,8 @@ def build_source(cfg: Any) -> Tuple[Any, Dict[str, Any]]:
     else:
         raise ValueError(f"config.source.kind must be one of {SOURCE_KINDS}; got {kind!r}")
     max_items = int(_get(cfg, "max_items", 0))
+    if max_items < 0:
+        raise ValueError(f"config.source.max_items must be ≥ 0 (0 = all); got {max_items}")
     if max_items > 0:
         src = _Limited(src, max_items)
         desc["max_items"] = max_items
@@ -101,6 +103,13 @@ def build_captions(cfgs: Any) -> List[SyntheticCaptions]:
 
 
 def build_spec(cfg: Any) -> GenerationSpec:
+    try:
+        return _build_spec(cfg)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config.augmentation / config.output: {e}") from None
+
+
+def _build_spec(cfg: Any) -> GenerationSpec:
     a, o, r = cfg.augmentation, cfg.output, cfg.get("run", {})
     aug = AugSamplingConfig(crop_size=int(a.crop_size), scale=tuple(a.scale), ratio=tuple(a.ratio),
                             num_ops=int(a.num_ops), magnitude=int(a.magnitude),
@@ -119,6 +128,11 @@ def build_teacher(cfg: Any, index: int = 0) -> Any:
                   logit_scale=_get(cfg, "logit_scale", None),
                   allow_random_init=bool(_get(cfg, "allow_random_init", False)))
     checkpoint = _get(cfg, "checkpoint", "") or None
+    if common["batch_size"] < 1:
+        raise ValueError(f"config.teachers[{index}].batch_size must be ≥ 1; got {common['batch_size']}")
+    if kind == "open_clip" and _get(cfg, "image_size", None) is not None:
+        raise ValueError(f"config.teachers[{index}].image_size: an open_clip teacher runs at its own "
+                         f"configured size (open_clip_config.json); leave image_size unset")
     try:
         if kind == "zoo":
             from mobileclip2_jax.teachers.zoo_teacher import ZooTeacher
@@ -127,8 +141,9 @@ def build_teacher(cfg: Any, index: int = 0) -> Any:
         if kind == "open_clip":
             from mobileclip2_jax.teachers.open_clip_teacher import OpenClipTeacher
             return OpenClipTeacher(_get(cfg, "model"), checkpoint, **common)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        raise type(e)(f"config.teachers[{index}] ({kind} {_get(cfg, 'model')!r}): {e}") from None
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:  # open_clip: RuntimeError
+        cls = ValueError if isinstance(e, RuntimeError) else type(e)
+        raise cls(f"config.teachers[{index}] ({kind} {_get(cfg, 'model')!r}): {e}") from None
     raise ValueError(f"config.teachers[{index}].kind must be one of {TEACHER_KINDS}; got {kind!r}")
 
 
@@ -140,6 +155,28 @@ def _arrayrecord(cfg: Any, output_dir: str, log) -> None:
         log(f"[reinforce] ArrayRecord copy: {path}")
 
 
+def _check_run_settings(cfg: Any, output_dir: str) -> None:
+    """Settings checked before anything loads (teachers can take minutes)."""
+    r = cfg.get("run", {})
+    for key in ("replay_threads", "chunk_records"):
+        if int(_get(r, key, 1)) < 1:
+            raise ValueError(f"config.run.{key} must be ≥ 1; got {_get(r, key)}")
+    f = float(_get(r, "max_bad_fraction", 0.5))
+    if not 0.0 < f <= 1.0:
+        raise ValueError(f"config.run.max_bad_fraction must be in (0, 1]; got {f}")
+    for key, path in (("output_dir", output_dir), ("output.arrayrecord_dir", _get(cfg.output, "arrayrecord_dir", ""))):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"config.{key}={path} exists and is not a directory")
+    syn = [c for c in cfg.get("synthetic", []) if _get(c, "kind", "other_captions") != "none"]
+    keys = [_get(c, "key", "syn_text") for c in syn]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"config.synthetic: keys must be unique; got {keys}")
+    if _get(cfg, "mode", "generate") == "generate" and len(keys) > 1 and \
+            _get(cfg.output, "text_emb_layout", "dfndr") == "datacompdr":
+        raise ValueError(f"config.output.text_emb_layout='datacompdr' holds one synthetic key after the "
+                         f"GT rows; config.synthetic has {keys}: use 'dfndr'")
+
+
 def run(cfg: Any, *, process_index: int = 0, process_count: int = 1,
         barrier: Optional[Callable[[str], None]] = None, log=None) -> Dict[str, Any]:
     """Runs the job on this process; with ``barrier`` (multi-host) process 0 finalizes after all."""
@@ -148,6 +185,7 @@ def run(cfg: Any, *, process_index: int = 0, process_count: int = 1,
     if not output_dir:
         raise ValueError("config.output_dir is required (--config.output_dir=DIR)")
     r = cfg.get("run", {})
+    _check_run_settings(cfg, output_dir)
     common = dict(process_index=process_index, process_count=process_count,
                   replay_threads=int(_get(r, "replay_threads", 4)),
                   progress_every=float(_get(r, "progress_every_s", 10.0)))
@@ -165,7 +203,8 @@ def run(cfg: Any, *, process_index: int = 0, process_count: int = 1,
         if not _get(cfg, "input_dir", ""):
             raise ValueError("mode 'add_teacher' needs config.input_dir (the existing dataset)")
         job = TeacherAdder(cfg.input_dir, teachers[0], output_dir, image_shards=_get(cfg, "image_shards", "") or None,
-                           chunk_records=int(_get(r, "chunk_records", 16)), **common)
+                           chunk_records=int(_get(r, "chunk_records", 16)),
+                           max_bad_fraction=float(_get(r, "max_bad_fraction", 0.5)), **common)
         summary = job.run()
         shards, metadata, extra = job.shards, job.output_metadata(), {"mode": mode, "input_dir": job.input_dir}
     else:

@@ -73,7 +73,7 @@ class OpenClipTeacher:
         self.name = label or (model if checkpoint is None else f"{model}:{os.path.basename(checkpoint)}")
         self.logit_scale = (float(logit_scale) if logit_scale is not None
                             else float(self.net.logit_scale.exp().item()))
-        self.source = str(checkpoint or model)
+        self.source = str(checkpoint) if checkpoint else (model if local else f"random-init ({model})")
         self.batch_size = int(batch_size)
 
     def _run(self, fn, x):

@@ -36,7 +36,7 @@ class ZooTeacher:
         from mobileclip2_jax.models.clip import CLIP
         if checkpoint is None and not allow_random_init:
             raise ValueError(f"zoo teacher {name!r}: no checkpoint given. Pass the Orbax directory "
-                             f"(model.save / launch/convert.py) or an open_clip .pt/.safetensors file; "
+                             f"written by model.save(dir), or an open_clip .pt/.safetensors file of the variant; "
                              f"allow_random_init=True builds random weights for smoke tests only")
         model = create_model(name, pretrained=checkpoint, image_size=image_size, seed=seed)
         if reparameterize:
