@@ -54,3 +54,27 @@ def randomize_torch_model(model, seed: int = 0, gamma_range=(0.05, 0.2), var_ran
             if name.endswith("gamma") or name.endswith("layer_scale"):
                 u(p, *gamma_range)
     return model
+
+
+def release_compiled_programs():
+    """Drops JAX's compiled executables (and our per-architecture encoder caches) and collects.
+
+    One pytest process compiles every variant's towers, teachers and losses; kept alive, those
+    executables pushed the suite's peak RSS to ~23 GB, at the edge of CI's 24 GiB.
+    """
+    import gc
+    import jax
+    try:
+        from mobileclip2_jax import clip_model, factory
+        clip_model._jitted_encoder.cache_clear()
+        factory._jitted_init.cache_clear()
+    except (ImportError, AttributeError):
+        pass
+    jax.clear_caches()
+    gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_after_each_module():
+    yield
+    release_compiled_programs()

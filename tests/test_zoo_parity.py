@@ -40,6 +40,14 @@ CAPTIONS = ["a photo of a red t-shirt", "two dogs playing in the snow, é ñ �
             "a very long caption " * 30]
 
 
+@pytest.fixture(autouse=True)
+def _release_after_each_test():
+    """Each parametrization builds a different large architecture: free it before the next."""
+    yield
+    from conftest import release_compiled_programs
+    release_compiled_programs()
+
+
 def rel_err(a, b):
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
