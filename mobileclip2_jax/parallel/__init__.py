@@ -1,0 +1,1 @@
+"""Device mesh and parameter sharding rules for the train step (``("data", "fsdp")`` axes)."""
