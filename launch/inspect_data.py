@@ -26,7 +26,8 @@ def main(argv=None) -> int:
                         help="the training regex for synthetic-caption keys (default ^syn_text.*$)")
     parser.add_argument("--max-bad-fraction", type=float, default=0.0,
                         help="share of bad samples still reported trainable (default 0)")
-    parser.add_argument("--no-images", action="store_true", help="skip image decoding (faster)")
+    parser.add_argument("--no-images", action="store_true",
+                        help="skip image decoding (faster); also accepts image-less shards")
     args = parser.parse_args(argv)
     if args.max_samples is not None and args.max_samples < 1:
         parser.error(f"--max-samples must be ≥ 1; got {args.max_samples}")
@@ -44,7 +45,8 @@ def main(argv=None) -> int:
     from mobileclip2_jax.data.records import SchemaError
     from mobileclip2_jax.data.sampling import DEFAULT_SYN_TEXT_KEY_REGEX
     try:
-        source = open_source(args.path, image_shards=args.image_shards)
+        # --no-images also accepts image-less shards (DataCompDR ships none) without --image-shards
+        source = open_source(args.path, image_shards=args.image_shards, require_image=not args.no_images)
         report = inspect_dataset(source, syn_text_key_regex=args.syn_text_key_regex or
                                  DEFAULT_SYN_TEXT_KEY_REGEX, max_samples=args.max_samples,
                                  max_bad_fraction=args.max_bad_fraction,

@@ -369,3 +369,17 @@ def test_bad_arguments_exit_2(good):
         proc = subprocess.run([sys.executable, "launch/inspect_data.py", path, *args], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
+
+
+def test_image_less_shards_need_no_images_flag(tmp_path):
+    """DataCompDR-style shards without images: missing images are bad samples by default (the
+    pipeline cannot train on them alone), accepted with --no-images."""
+    records, metadata = build_coco_records(n_images=3, n_aug=2, layout="datacompdr", n_syn=2, seed=6)
+    for r in records:
+        r.image = None
+    webdataset.write_dataset(records, str(tmp_path), metadata, records_per_shard=3)
+    rc, report, _ = run_cli(str(tmp_path))
+    assert rc == 1 and report["bad_by_kind"] == {"missing_key": 3}
+    rc, report, stderr = run_cli(str(tmp_path), "--no-images")
+    assert rc == 0, stderr
+    assert report["good_samples"] == 3 and report["trainable"] is True
