@@ -1,0 +1,1 @@
+"""Train state and the jitted, globally sharded train step (the loop and checkpoints follow)."""
