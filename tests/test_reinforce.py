@@ -7,6 +7,7 @@ are the teacher's ``encode_text`` of the stored captions; the stored augmentatio
 seeded draws; the output trains (inspector + Grain pipeline); a corrupt image is skipped and
 reported while the run completes; a rerun with another configuration is refused.
 """
+import io
 import json
 import os
 
@@ -205,7 +206,6 @@ def test_imagefolder_and_tar_sources_with_a_captioner_slot(tmp_path, teacher_ckp
             for ext, data in (("jpg", r.image), ("txt", r.captions[0].encode())):
                 info = tarfile.TarInfo(f"{r.key.replace('/', '_')}.{ext}")
                 info.size = len(data)
-                import io
                 tar.addfile(info, io.BytesIO(data))
     cfg = make_config(tmp_path / "out_tar", "", "", teacher_ckpt, num_augs=1, per_shard=4, **{
         "source.kind": "tar", "source.pattern": str(tar_path), "synthetic.0.kind": "none"})

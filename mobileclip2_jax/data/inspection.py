@@ -182,7 +182,8 @@ def _count_problems(source: Any, metadata: DatasetMetadata, n_found: int) -> Lis
         if os.path.isfile(manifest):
             try:
                 with open(manifest, encoding="utf-8") as f:
-                    promised = {json.loads(line)["shard"]: int(json.loads(line)["num_uids"]) for line in f if line.strip()}
+                    entries = [json.loads(line) for line in f if line.strip()]
+                promised = {e["shard"]: int(e["num_uids"]) for e in entries}
             except (ValueError, KeyError, TypeError) as e:
                 return out + [f"{manifest}: unreadable ({e})"]
             counts = collections.Counter(os.path.basename(source.shard_of(i))[:-len(".tar")]

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, TextIO
 
 import numpy as np
 
-from mobileclip2_jax.data.records import (IMAGE_EXTENSIONS, BadSample, DatasetMetadata,
+from mobileclip2_jax.data.records import (BadSample, DatasetMetadata,
                                           ReinforcedRecord, SchemaError, Teacher, decode_image)
 from mobileclip2_jax.data.reinforce import (PendingRecord, Progress, check_or_write_plan, check_usable_fraction,
                                             embed_records,
@@ -155,8 +155,6 @@ class TeacherAdder:
     def _members(self, members: Dict[str, bytes], rec: ReinforcedRecord, img_new: np.ndarray,
                  txt_new: np.ndarray) -> Dict[str, bytes]:
         out = {k: v for k, v in members.items() if k not in EMBEDDING_FORMATS and not k.startswith("__")}
-        if not any(e in out for e in IMAGE_EXTENSIONS) and rec.image is None:
-            raise SchemaError(f"{rec.key}: no image to replay")  # unreachable: _pending decoded it
         n_gt = len(rec.captions)
         arrays = {"image_emb": np.concatenate([rec.image_emb, img_new], 1)}
         if rec.text_emb_layout == "dfndr":
